@@ -1,0 +1,3 @@
+from stemquery.daw_bridge.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""`stemquery` command line: a thin layer over the Separator API and the server."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see stemquery.model)
+
+import click  # noqa: E402
+
+from stemquery.daw_bridge.jobs import SeparationRequest, run_separation  # noqa: E402
+from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines  # noqa: E402
+from stemquery.model.api import resolve_device  # noqa: E402
+
+VERSION = package_version("stemquery")
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not START:END in seconds, e.g. 12.5:16") from None
+    return start, end
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, prog_name="stemquery")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Audio-query source separation: give a mix and an example of a sound, get that sound as a stem."""
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.argument("mix", type=click.Path(path_type=Path))
+@click.option("-q", "--query", "queries", multiple=True, type=click.Path(path_type=Path),
+              help="A clip of the wanted sound (repeat for several).")
+@click.option("--query-range", "query_ranges", multiple=True, type=parse_range,
+              help="START:END seconds of the mix where the wanted sound is exposed (repeatable).")
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: the mix's folder].")
+@click.option("--engine", default=DEFAULT_ENGINE, show_default=True)
+@click.option("--format", "container", type=click.Choice(["wav", "flac"]), default="wav", show_default=True)
+@click.option("--bit-depth", type=click.Choice(["16", "24", "32"]), default=None,
+              help="[default: 32 (float) for WAV, 24 for FLAC]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, device) -> None:
+    """Separate the sound the queries describe from MIX; write target and residual stems."""
+    from tqdm import tqdm
+
+    request = SeparationRequest(
+        mix=mix,
+        queries=list(queries),
+        query_ranges=list(query_ranges),
+        out_dir=out_dir or mix.parent,
+        engine=engine,
+        container=container,
+        bit_depth=int(bit_depth) if bit_depth else None,
+    )
+    bars: list[tqdm] = []  # created on the first report, so input errors print without a bar
+
+    def progress(fraction: float, stage: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, unit="%", file=sys.stderr, desc="stemquery", leave=False,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}"))
+        bars[0].n = round(100 * fraction)
+        bars[0].set_postfix_str(stage)
+
+    try:
+        from stemquery.model import Separator
+
+        separator = Separator(engine, device=resolve_device(device))
+        paths = run_separation(separator, request, progress=progress)
+    except StemqueryError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        for bar in bars:
+            bar.close()
+    for path in paths.values():
+        click.echo(path)
+
+
+@main.command()
+def engines() -> None:
+    """List the installed engines, which one is the default, and the device they would run on."""
+    device = resolve_device("auto")
+    for info in available_engines():
+        mark = "*" if info.name == DEFAULT_ENGINE else " "
+        state = "ready" if info.available else f"unavailable: {info.reason}"
+        click.echo(f"{mark} {info.name:<10} {info.sample_rate} Hz  {state}  ({info.description})")
+    click.echo(f"device: {device}  (* = default engine)")

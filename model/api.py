@@ -1,0 +1,197 @@
+"""The engine-agnostic Separator API (after demucs' `api.Separator` and `apply_model`).
+
+    sep = Separator("nmf")
+    stems = sep.separate(mix, 44100, [query], progress=lambda f, stage: ...)
+    stems.target + stems.residual == mix   # always, sample for sample
+
+Everything shared by engines happens here: input checks, resampling to the engine's rate and back to the
+caller's exact length, and chunked overlap-add so memory does not grow with track length.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from stemquery.model.audio import check_audio, fit_length, resample
+from stemquery.model.engines import engine_class, engine_infos
+from stemquery.model.engines.base import EngineInfo, ProgressCallback
+from stemquery.model.errors import AudioInputError, QueryError
+
+log = logging.getLogger(__name__)
+
+#: The engine used when none is named. Switches to a learned engine once it beats `nmf` on the val set.
+DEFAULT_ENGINE = "nmf"
+MIN_QUERY_SECONDS = 0.5
+#: A query quieter than this (RMS, dBFS) carries no sound to look for.
+SILENCE_DBFS = -80.0
+
+#: A query clip: samples at the mix's rate, or (samples, sample_rate) to have its rate checked.
+QueryClip = Union[np.ndarray, tuple[np.ndarray, int]]
+
+
+@dataclass(frozen=True)
+class Stems:
+    """The query's sound (`target`) and everything else (`residual = mix - target`), at the mix's rate and length."""
+
+    target: np.ndarray
+    residual: np.ndarray
+    sample_rate: int
+    engine: str
+
+    def items(self) -> list[tuple[str, np.ndarray]]:
+        return [("target", self.target), ("residual", self.residual)]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AudioInputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+def available_engines() -> list[EngineInfo]:
+    return engine_infos()
+
+
+def check_query(clip: np.ndarray, sample_rate: int, *, name: str) -> None:
+    """A query must be usable audio, at least MIN_QUERY_SECONDS long, and not silent."""
+    check_audio(clip, sample_rate, name=name)
+    seconds = clip.shape[1] / sample_rate
+    if seconds < MIN_QUERY_SECONDS:
+        raise QueryError(f"{name} is {seconds:.2f} s long; give at least {MIN_QUERY_SECONDS} s of the sound you want")
+    rms = float(np.sqrt(np.mean(np.square(clip, dtype=np.float64))))
+    if rms == 0.0 or 20 * math.log10(rms) < SILENCE_DBFS:
+        raise QueryError(f"{name} is silent; choose a clip or range where the wanted sound plays")
+
+
+def _as_2d(audio: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise AudioInputError(f"{name}: expected (channels, samples) audio, got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _segment_weight(length: int, fade: int) -> torch.Tensor:
+    """Trapezoid cross-fade weight, strictly positive so overlap-add never divides by zero."""
+    weight = torch.ones(length)
+    if fade > 0:
+        ramp = torch.arange(1, fade + 1, dtype=torch.float32) / (fade + 1)
+        weight[:fade] = ramp
+        weight[-fade:] = ramp.flip(0)
+    return weight
+
+
+class Separator:
+    """Separate the sound a query describes from a mix, with any registered engine."""
+
+    def __init__(self, engine: str = DEFAULT_ENGINE, *, device: str | torch.device = "auto", **options) -> None:
+        cls = engine_class(engine)
+        reason = cls.unavailable_reason()
+        if reason:
+            raise AudioInputError(f"engine {engine!r} cannot run here: {reason}")
+        self.device = resolve_device(device)
+        self.engine = cls(device=self.device, **options)
+        log.info("engine %s ready on %s", engine, self.device)
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    def separate(
+        self,
+        mix: np.ndarray | torch.Tensor,
+        sample_rate: int,
+        queries: Sequence[QueryClip] | QueryClip = (),
+        *,
+        query_ranges: Sequence[tuple[float, float]] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Stems:
+        """Return target and residual stems for `mix` (channels, samples) at `sample_rate`.
+
+        `queries` are example clips of the wanted sound; `query_ranges` are (start, end) seconds of the mix itself
+        where the sound is exposed. At least one of the two is needed. `progress(fraction, stage)` is called as
+        work advances; an exception raised inside it aborts the separation and propagates.
+        """
+        report = progress or (lambda fraction, stage: None)
+        mix_2d = _as_2d(mix, "mix")
+        check_audio(mix_2d, sample_rate, name="mix")
+        clips = self._query_clips(mix_2d, sample_rate, queries, query_ranges or [])
+        report(0.0, "query")
+
+        rate = self.engine.sample_rate
+        with torch.inference_mode():
+            query_state = self.engine.encode_query([torch.from_numpy(resample(c, sample_rate, rate)) for c in clips])
+            report(0.05, "separating")
+            engine_mix = torch.from_numpy(resample(mix_2d, sample_rate, rate))
+            target = self._overlap_add(engine_mix, query_state, lambda f: report(0.05 + 0.9 * f, "separating"))
+        target_np = fit_length(resample(target.numpy(), rate, sample_rate), mix_2d.shape[1])
+        report(1.0, "done")
+        return Stems(target=target_np, residual=mix_2d - target_np, sample_rate=sample_rate, engine=self.engine.name)
+
+    def _query_clips(
+        self,
+        mix: np.ndarray,
+        sample_rate: int,
+        queries: Sequence[QueryClip] | QueryClip,
+        ranges: Sequence[tuple[float, float]],
+    ) -> list[np.ndarray]:
+        if isinstance(queries, (np.ndarray, torch.Tensor)) or (
+            isinstance(queries, tuple) and len(queries) == 2 and isinstance(queries[1], (int, np.integer))
+        ):
+            queries = [queries]
+        clips: list[tuple[str, np.ndarray]] = []
+        for index, query in enumerate(queries):
+            name = f"query {index + 1}"
+            if isinstance(query, tuple):
+                samples, rate = query
+                if int(rate) != sample_rate:
+                    raise QueryError(
+                        f"{name} is at {rate} Hz but the mix is at {sample_rate} Hz; "
+                        f"resample the query to {sample_rate} Hz"
+                    )
+                query = samples
+            clips.append((name, _as_2d(query, name)))
+        duration = mix.shape[1] / sample_rate
+        for start, end in ranges:
+            if not (0.0 <= start < end <= duration + 1e-6):
+                raise QueryError(
+                    f"query range {start:g}-{end:g} s is outside the mix (0-{duration:.2f} s); "
+                    "choose a range inside the mix"
+                )
+            clips.append((f"query range {start:g}-{end:g} s",
+                          mix[:, int(round(start * sample_rate)): int(round(end * sample_rate))]))
+        if not clips:
+            raise QueryError("no query given: pass a query clip or a time range of the mix")
+        for name, clip in clips:
+            check_query(clip, sample_rate, name=name)
+        return [clip for _, clip in clips]
+
+    def _overlap_add(self, mix: torch.Tensor, query_state, progress) -> torch.Tensor:
+        total = mix.shape[-1]
+        segment = int(self.engine.segment_seconds * self.engine.sample_rate)
+        if total <= segment:
+            out = self.engine.separate_segment(mix.to(self.device), query_state).float().cpu()
+            progress(1.0)
+            return out
+        fade = int(segment * self.engine.overlap)
+        stride = segment - fade
+        starts = list(range(0, total - fade, stride))
+        out = torch.zeros_like(mix)
+        weights = torch.zeros(total)
+        for index, start in enumerate(starts):
+            chunk = mix[:, start: start + segment]
+            estimate = self.engine.separate_segment(chunk.to(self.device), query_state).float().cpu()
+            weight = _segment_weight(chunk.shape[-1], min(fade, chunk.shape[-1] // 2))
+            out[:, start: start + chunk.shape[-1]] += estimate * weight
+            weights[start: start + chunk.shape[-1]] += weight
+            progress((index + 1) / len(starts))
+        return out / weights

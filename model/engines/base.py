@@ -1,0 +1,79 @@
+"""The engine contract and the name → engine registry.
+
+An engine sees audio at its own sample rate, as torch tensors (channels, samples), one segment at a time.
+Validation, resampling, chunking and overlap-add live in `Separator`, so every engine gets them for free.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+class Engine(abc.ABC):
+    """A query-conditioned separator of one segment. Subclasses register themselves with `@register_engine`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    sample_rate: ClassVar[int] = 44100
+    #: Segment length for overlap-add: bounds memory whatever the track length.
+    segment_seconds: ClassVar[float] = 20.0
+    #: Fraction of each segment shared with its neighbour and cross-faded.
+    overlap: ClassVar[float] = 0.25
+
+    def __init__(self, *, device: torch.device) -> None:
+        self.device = device
+
+    @abc.abstractmethod
+    def encode_query(self, clips: list[torch.Tensor]) -> Any:
+        """Turn one or more query clips (channels, samples) into whatever `separate_segment` conditions on."""
+
+    @abc.abstractmethod
+    def separate_segment(self, mix: torch.Tensor, query: Any) -> torch.Tensor:
+        """Return the target estimate for one mix segment, same shape as `mix`."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this engine cannot run here (missing weights or packages), or None when it can."""
+        return None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    description: str
+    sample_rate: int
+    available: bool
+    reason: str | None
+
+
+_ENGINES: dict[str, type[Engine]] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    if cls.name in _ENGINES:
+        raise ValueError(f"engine name {cls.name!r} registered twice")
+    _ENGINES[cls.name] = cls
+    return cls
+
+
+def engine_class(name: str) -> type[Engine]:
+    from stemquery.model.errors import StemqueryError
+
+    try:
+        return _ENGINES[name]
+    except KeyError:
+        raise StemqueryError(f"unknown engine {name!r}; installed engines: {', '.join(sorted(_ENGINES))}") from None
+
+
+def engine_infos() -> list[EngineInfo]:
+    infos = []
+    for name, cls in _ENGINES.items():
+        reason = cls.unavailable_reason()
+        infos.append(EngineInfo(name, cls.description, cls.sample_rate, reason is None, reason))
+    return infos
+
+
+ProgressCallback = Callable[[float, str], None]
