@@ -95,3 +95,51 @@ def engines() -> None:
         state = "ready" if info.available else f"unavailable: {info.reason}"
         click.echo(f"{mark} {info.name:<10} {info.sample_rate} Hz  {state}  ({info.description})")
     click.echo(f"device: {device}  (* = default engine)")
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, this machine only].")
+@click.option("--osc-port", type=int, default=None, help="UDP and TCP port for OSC [default: 9130].")
+@click.option("--hotfolder", "hotfolders", multiple=True, type=click.Path(path_type=Path),
+              help="Watched folder (repeatable) [default: ~/stemquery].")
+@click.option("--allow-root", "allow_roots", multiple=True, type=click.Path(path_type=Path),
+              help="A folder jobs may read from and write to, besides the hot folders (repeatable).")
+@click.option("--device", default=None, help="auto, cpu or cuda [default: auto].")
+@click.option("--engine", default=None, help=f"Default engine [default: {DEFAULT_ENGINE}].")
+@click.option("--max-duration", "max_duration_s", type=float, default=None, help="Longest input, seconds [1200].")
+@click.option("--max-file-mb", type=float, default=None, help="Largest input file, MB [1024].")
+@click.option("--poll", is_flag=True, default=None, help="Poll the hot folders (network shares).")
+@click.option("--journal", type=click.Path(path_type=Path), default=None, help="Job journal (SQLite) path.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="TOML file with any of these settings.")
+def serve(config_file, **options) -> None:
+    """Run the server: engines stay loaded; jobs come from OSC and hot folders."""
+    from stemquery.daw_bridge.config import load_config
+    from stemquery.daw_bridge.server import StemqueryServer
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    try:
+        config = load_config(config_file).with_overrides(
+            **{k: (tuple(v) if isinstance(v, tuple) else v) for k, v in options.items()})
+        server = StemqueryServer(config)
+    except (StemqueryError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    server.serve_forever()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--osc-port", type=int, default=9130, show_default=True)
+@click.option("--timeout", type=float, default=2.0, show_default=True)
+def status(host, osc_port, timeout) -> None:
+    """Ask a running server for its queue, device and engines."""
+    from stemquery.daw_bridge.client import OscClient
+
+    with OscClient(host, osc_port) as client:
+        client.send("/stemquery/status", "cli")
+        reply = client.wait_for("/stemquery/status", timeout=timeout)
+    if reply is None:
+        raise click.ClickException(f"no stemquery server answered on {host}:{osc_port}; start one with `stemquery serve`")
+    _, queue, device, engines, running = reply
+    click.echo(f"server on {host}:{osc_port}: device {device}, engines {engines}, "
+               f"{queue} job(s) queued or running{', running ' + running if running else ''}")

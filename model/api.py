@@ -29,6 +29,8 @@ DEFAULT_ENGINE = "nmf"
 MIN_QUERY_SECONDS = 0.5
 #: A query quieter than this (RMS, dBFS) carries no sound to look for.
 SILENCE_DBFS = -80.0
+#: Share of the progress bar given to encoding the query.
+QUERY_SHARE = 0.1
 
 #: A query clip: samples at the mix's rate, or (samples, sample_rate) to have its rate checked.
 QueryClip = Union[np.ndarray, tuple[np.ndarray, int]]
@@ -129,10 +131,15 @@ class Separator:
 
         rate = self.engine.sample_rate
         with torch.inference_mode():
-            query_state = self.engine.encode_query([torch.from_numpy(resample(c, sample_rate, rate)) for c in clips])
-            report(0.05, "separating")
+            query_state = self.engine.encode_query(
+                [torch.from_numpy(resample(c, sample_rate, rate)) for c in clips],
+                lambda f: report(QUERY_SHARE * f, "query"),
+            )
+            report(QUERY_SHARE, "separating")
             engine_mix = torch.from_numpy(resample(mix_2d, sample_rate, rate))
-            target = self._overlap_add(engine_mix, query_state, lambda f: report(0.05 + 0.9 * f, "separating"))
+            target = self._overlap_add(
+                engine_mix, query_state, lambda f: report(QUERY_SHARE + (0.99 - QUERY_SHARE) * f, "separating")
+            )
         target_np = fit_length(resample(target.numpy(), rate, sample_rate), mix_2d.shape[1])
         report(1.0, "done")
         return Stems(target=target_np, residual=mix_2d - target_np, sample_rate=sample_rate, engine=self.engine.name)
@@ -179,7 +186,7 @@ class Separator:
         total = mix.shape[-1]
         segment = int(self.engine.segment_seconds * self.engine.sample_rate)
         if total <= segment:
-            out = self.engine.separate_segment(mix.to(self.device), query_state).float().cpu()
+            out = self.engine.separate_segment(mix.to(self.device), query_state, progress).float().cpu()
             progress(1.0)
             return out
         fade = int(segment * self.engine.overlap)
@@ -189,7 +196,8 @@ class Separator:
         weights = torch.zeros(total)
         for index, start in enumerate(starts):
             chunk = mix[:, start: start + segment]
-            estimate = self.engine.separate_segment(chunk.to(self.device), query_state).float().cpu()
+            within = lambda f, i=index: progress((i + f) / len(starts))  # noqa: E731
+            estimate = self.engine.separate_segment(chunk.to(self.device), query_state, within).float().cpu()
             weight = _segment_weight(chunk.shape[-1], min(fade, chunk.shape[-1] // 2))
             out[:, start: start + chunk.shape[-1]] += estimate * weight
             weights[start: start + chunk.shape[-1]] += weight

@@ -50,6 +50,7 @@ def test_progress_is_monotone_and_ends_at_one(nmf, two_sources):
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and seen[-1][1] == "done"
     assert {"query", "separating"} <= {stage for _, stage in seen}
+    assert max(b - a for a, b in zip(fractions, fractions[1:])) <= 0.05  # reported every few percent
 
 
 def test_raising_in_progress_aborts(nmf, two_sources):
@@ -71,7 +72,7 @@ def test_long_input_is_chunked_with_overlap_add(two_sources, monkeypatch):
     chunked_separator = Separator("nmf", device="cpu")
     calls = []
     original = chunked_separator.engine.separate_segment
-    chunked_separator.engine.separate_segment = lambda seg, q: calls.append(seg.shape[-1]) or original(seg, q)
+    chunked_separator.engine.separate_segment = lambda seg, q, p: calls.append(seg.shape[-1]) or original(seg, q, p)
     chunked = chunked_separator.separate(mix, RATE, [query]).target
     assert len(calls) >= mix.shape[1] // (2 * RATE) and max(calls) <= 2 * RATE
     assert chunked.shape == mix.shape

@@ -12,6 +12,14 @@ from typing import Any, Callable, ClassVar
 import torch
 
 
+#: Progress within one engine call, 0..1.
+StepProgress = Callable[[float], None]
+
+
+def no_progress(fraction: float) -> None:
+    pass
+
+
 class Engine(abc.ABC):
     """A query-conditioned separator of one segment. Subclasses register themselves with `@register_engine`."""
 
@@ -27,12 +35,16 @@ class Engine(abc.ABC):
         self.device = device
 
     @abc.abstractmethod
-    def encode_query(self, clips: list[torch.Tensor]) -> Any:
+    def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> Any:
         """Turn one or more query clips (channels, samples) into whatever `separate_segment` conditions on."""
 
     @abc.abstractmethod
-    def separate_segment(self, mix: torch.Tensor, query: Any) -> torch.Tensor:
-        """Return the target estimate for one mix segment, same shape as `mix`."""
+    def separate_segment(self, mix: torch.Tensor, query: Any, progress: StepProgress = no_progress) -> torch.Tensor:
+        """Return the target estimate for one mix segment, same shape as `mix`.
+
+        `progress(fraction)` reports how far through this call the engine is, so long segments still give
+        frequent progress to the user.
+        """
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

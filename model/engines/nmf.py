@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stemquery.model.engines.base import Engine, register_engine
+from stemquery.model.engines.base import Engine, StepProgress, no_progress, register_engine
 from stemquery.model.stft import STFT
 
 EPS = 1e-10
@@ -65,10 +65,13 @@ def kl_nmf(
     *,
     iterations: int,
     fixed_columns: int = 0,
+    progress: StepProgress = no_progress,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL-divergence NMF V ≈ W H by multiplicative updates; the first `fixed_columns` bases of W stay as given."""
     ones = torch.ones_like(v)
-    for _ in range(iterations):
+    for iteration in range(iterations):
+        if iteration % 5 == 0:
+            progress(iteration / iterations)
         ratio = v / (w @ h + EPS)
         h = h * (w.T @ ratio) / (w.sum(dim=0, keepdim=True).T + EPS)
         ratio = v / (w @ h + EPS)
@@ -102,7 +105,7 @@ class NMFEngine(Engine):
         # Channels share one decomposition: the root-mean-square magnitude keeps stereo energy.
         return spec, spec.abs().pow(2).mean(dim=0).sqrt()
 
-    def encode_query(self, clips: list[torch.Tensor]) -> torch.Tensor:
+    def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> torch.Tensor:
         magnitude = torch.cat([self._magnitude(clip)[1] for clip in clips], dim=1)
         magnitude = torch.cat([pitch_shifted(magnitude, k) for k in self.config.query_shifts], dim=1)
         stride = -(-magnitude.shape[1] // self.config.max_query_frames)
@@ -110,17 +113,20 @@ class NMFEngine(Engine):
         gen = self._generator()
         w = _normalise_columns(self._random(magnitude.shape[0], self.config.query_rank, generator=gen))
         h = self._random(self.config.query_rank, magnitude.shape[1], generator=gen)
-        w, _ = kl_nmf(magnitude, w, h, iterations=self.config.query_iterations)
+        w, _ = kl_nmf(magnitude, w, h, iterations=self.config.query_iterations, progress=progress)
         return w
 
-    def separate_segment(self, mix: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def separate_segment(
+        self, mix: torch.Tensor, query: torch.Tensor, progress: StepProgress = no_progress
+    ) -> torch.Tensor:
         spec, magnitude = self._magnitude(mix)
         gen = self._generator()
         rank_q = query.shape[1]
         free = _normalise_columns(self._random(magnitude.shape[0], self.config.free_rank, generator=gen))
         w = torch.cat([query, free], dim=1)
         h = self._random(w.shape[1], magnitude.shape[1], generator=gen) * magnitude.mean()
-        w, h = kl_nmf(magnitude, w, h, iterations=self.config.mix_iterations, fixed_columns=rank_q)
+        w, h = kl_nmf(magnitude, w, h, iterations=self.config.mix_iterations, fixed_columns=rank_q,
+                      progress=progress)
         p = self.config.mask_power
         target = (w[:, :rank_q] @ h[:rank_q]).pow(p)
         rest = (w[:, rank_q:] @ h[rank_q:]).pow(p)

@@ -1,0 +1,157 @@
+"""The single worker that runs jobs in journal order, and the event fan-out to the front ends.
+
+Front ends (OSC, hot folders) never wait on the worker: they add a job to the journal, wake the worker, and are
+told about progress through `JobListener.on_event`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from stemquery.daw_bridge.journal import CANCELLED, DONE, FAILED, Job, Journal
+from stemquery.daw_bridge.jobs import Limits, run_separation
+from stemquery.daw_bridge.spec import request_from_spec
+from stemquery.model import Separator, StemqueryError
+
+log = logging.getLogger(__name__)
+
+#: Progress is passed on when it moved by this much, or the stage changed.
+PROGRESS_STEP = 0.01
+
+
+class JobListener(Protocol):
+    def on_event(self, event: str, job: Job, **data) -> None:
+        """event: accepted | progress | done | failed | cancelled."""
+
+
+class _Interrupted(Exception):
+    def __init__(self, requeue: bool) -> None:
+        super().__init__("interrupted")
+        self.requeue = requeue
+
+
+class SeparatorPool:
+    """Engines loaded once and kept warm; the default is loaded at start, others on first use."""
+
+    def __init__(self, default_engine: str, device: str) -> None:
+        self.device = device
+        self.default_engine = default_engine
+        self._separators: dict[str, Separator] = {}
+        self._lock = threading.Lock()
+        started = time.perf_counter()
+        self.get(default_engine)
+        log.info("engine %s loaded in %.2f s", default_engine, time.perf_counter() - started)
+
+    def get(self, engine: str) -> Separator:
+        with self._lock:
+            if engine not in self._separators:
+                self._separators[engine] = Separator(engine, device=self.device)
+            return self._separators[engine]
+
+    @property
+    def device_name(self) -> str:
+        return str(self.get(self.default_engine).device)
+
+
+class Worker(threading.Thread):
+    def __init__(self, journal: Journal, pool: SeparatorPool, limits: Limits, resolve_spec) -> None:
+        super().__init__(name="stemquery-worker", daemon=True)
+        self.journal = journal
+        self.pool = pool
+        self.limits = limits
+        #: resolve_spec(job) -> spec with every path checked against the path policy (raises PathRejected).
+        self.resolve_spec = resolve_spec
+        self.listeners: list[JobListener] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._current: str | None = None
+        self._cancel_current = False
+
+    # -- control, from any thread -------------------------------------------------------------------------------
+    def emit(self, event: str, job: Job, **data) -> None:
+        for listener in self.listeners:
+            try:
+                listener.on_event(event, job, **data)
+            except Exception:  # a broken reply channel must not stop the worker
+                log.exception("listener %s failed on %s for job %s", listener, event, job.id)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job at once, or a running one at its next progress report."""
+        if self.journal.cancel_if_queued(job_id):
+            self.emit("cancelled", self.journal.get(job_id))
+            return True
+        if self._current == job_id:
+            self._cancel_current = True
+            return True
+        return False
+
+    def stop(self) -> None:
+        """Stop after the running job gives up (it is requeued and runs again at the next start)."""
+        self._stopping.set()
+        self._wake.set()
+
+    @property
+    def current_job(self) -> str | None:
+        return self._current
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            job = self.journal.next_queued()
+            if job is None:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        self._current, self._cancel_current = job.id, False
+        self.journal.start(job.id)
+        job = self.journal.get(job.id)
+        log.info("job %s started (%s)", job.id, job.source)
+        last = {"fraction": -1.0, "stage": ""}
+
+        def progress(fraction: float, stage: str) -> None:
+            if self._stopping.is_set():
+                raise _Interrupted(requeue=True)
+            if self._cancel_current:
+                raise _Interrupted(requeue=False)
+            if fraction - last["fraction"] >= PROGRESS_STEP or stage != last["stage"] or fraction >= 1.0:
+                last.update(fraction=fraction, stage=stage)
+                self.journal.progress(job.id, fraction, stage)
+                self.emit("progress", job, fraction=fraction, stage=stage)
+
+        started = time.perf_counter()
+        try:
+            request = request_from_spec(self.resolve_spec(job))
+            separator = self.pool.get(request.engine)
+            paths = run_separation(separator, request, progress=progress, limits=self.limits)
+        except _Interrupted as stop:
+            if stop.requeue:
+                self.journal.requeue(job.id)
+                log.info("job %s interrupted by shutdown; requeued", job.id)
+            else:
+                self.journal.finish(job.id, CANCELLED)
+                self.emit("cancelled", self.journal.get(job.id))
+        except StemqueryError as exc:
+            self._fail(job, exc.code, str(exc))
+        except Exception as exc:  # the server keeps serving whatever one job does
+            log.exception("job %s crashed", job.id)
+            self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
+        else:
+            result = {name: str(path) for name, path in paths.items()}
+            self.journal.finish(job.id, DONE, result=result)
+            log.info("job %s done in %.2f s", job.id, time.perf_counter() - started)
+            self.emit("done", self.journal.get(job.id))
+        finally:
+            self._current = None
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        log.warning("job %s failed: %s", job.id, message)
+        self.journal.finish(job.id, FAILED, error={"code": code, "message": message})
+        self.emit("failed", self.journal.get(job.id))
