@@ -143,3 +143,104 @@ def status(host, osc_port, timeout) -> None:
     _, queue, device, engines, running = reply
     click.echo(f"server on {host}:{osc_port}: device {device}, engines {engines}, "
                f"{queue} job(s) queued or running{', running ' + running if running else ''}")
+
+
+@main.group()
+def data() -> None:
+    """Build training data and eval sets (needs fluidsynth, the SoundFonts and mma from Debian: see docs)."""
+
+
+@data.command("cache-music21")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/midi_music21"), show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+def cache_music21(out, workers) -> None:
+    """Parse the music21 corpus once and cache its multi-part works as MIDI (resumable)."""
+    from stemquery.model.data.corpus import cache_music21_corpus
+
+    names = cache_music21_corpus(out, workers=workers)
+    click.echo(f"{len(names)} MIDI files in {out}")
+
+
+@data.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--timbres", type=click.Choice(["train", "val", "test"]), required=True,
+              help="train: training music and SoundFonts; val: held-out music, training SoundFonts; "
+                   "test: held-out music, reserved SoundFonts.")
+@click.option("--hours", type=float, required=True, help="Hours of mixtures to render.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sample-rate", type=int, default=44100, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--midi-cache", type=click.Path(path_type=Path), default=Path("data/midi_music21"), show_default=True)
+@click.option("--mma-share", type=float, default=0.5, show_default=True, help="Share of tracks from MMA grooves.")
+@click.option("--soundfont", "soundfonts", multiple=True, type=click.Path(path_type=Path),
+              help="Use only these SoundFonts (must belong to the split).")
+def render(out, timbres, hours, seed, sample_rate, workers, midi_cache, mma_share, soundfonts) -> None:
+    """Render a multitrack corpus: per track, one FLAC stem per part and their mix."""
+    import time as _time
+
+    from stemquery.model.data.render import SOUNDFONTS, RenderConfig, render_dataset
+
+    allowed = {p.name for p in SOUNDFONTS[timbres]}
+    bad = [p for p in soundfonts if p.name not in allowed]
+    if bad:
+        raise click.ClickException(f"{bad[0]} is not a {timbres} SoundFont (allowed: {', '.join(sorted(allowed))})")
+    config = RenderConfig(out=out, timbres=timbres, hours=hours, seed=seed, sample_rate=sample_rate,
+                          workers=workers, midi_cache=midi_cache, mma_share=mma_share,
+                          soundfonts=tuple(soundfonts) or None)
+    started = _time.perf_counter()
+    metas = render_dataset(config)
+    minutes = (_time.perf_counter() - started) / 60
+    stem_hours = sum(len(m["stems"]) * m["seconds"] for m in metas) / 3600
+    click.echo(f"{len(metas)} tracks, {stem_hours:.2f} stem-hours in {minutes:.1f} min "
+               f"({stem_hours / minutes:.2f} stem-hours/min) → {out}")
+
+
+@data.command()
+@click.option("--corpus", type=click.Path(path_type=Path, exists=True), required=True,
+              help="A rendered corpus (stemquery data render) of the same timbres.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--cases", type=int, default=120, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--segment", type=float, default=10.0, show_default=True, help="Mixture length, seconds.")
+@click.option("--query-length", type=float, default=4.0, show_default=True, help="Query length, seconds.")
+def evalset(corpus, out, cases, seed, segment, query_length) -> None:
+    """Build an eval set: case_NNN/{mixture,query,target}.flac + meta.json, query protocols in turn."""
+    from stemquery.model.evaluate import build_evalset
+
+    n = build_evalset(corpus, out, cases=cases, seed=seed, segment_s=segment, query_s=query_length)
+    click.echo(f"{n} cases → {out}")
+
+
+@main.command("eval")
+@click.argument("eval_set", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--engine", "engines", multiple=True, help="Engine(s) to score; mix, nmf and irm always are.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write results.json and results.md here [default: EVAL_SET/results].")
+@click.option("--limit", type=int, default=None, help="Only the first N cases.")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_command(eval_set, engines, out, limit, device) -> None:
+    """Score engines on an eval set: SNR, SI-SDR, SDR and their improvement over the mix, and RTF."""
+    import json as _json
+
+    from tqdm import tqdm
+
+    from stemquery.model.evaluate import evaluate, markdown_report
+
+    bar = tqdm(total=None, desc="eval", unit="case", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        result = evaluate(eval_set, list(engines), device=device, limit=limit, progress=progress)
+    except StemqueryError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bar.close()
+    out = out or eval_set / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(_json.dumps(result, indent=1))
+    report = markdown_report(result)
+    (out / "results.md").write_text(report)
+    click.echo(report)

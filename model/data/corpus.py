@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 #: Formats in the music21 corpus that hold notes for several parts (rntxt is harmonic analysis, no notes).
 SCORE_SUFFIXES = {".mxl", ".xml", ".musicxml", ".krn", ".abc"}
 MIN_PARTS = 2
+#: Collections of single-line folk tunes (thousands of them, slow to parse, and never two parts).
+MONOPHONIC_COLLECTIONS = {"airdsAirs", "essenFolksong", "ryansMammoth", "oneills1850", "nottingham-dataset",
+                          "miscFolk", "theoryExercises"}
 
 
 def music21_work_paths() -> list[tuple[str, Path]]:
@@ -22,7 +25,8 @@ def music21_work_paths() -> list[tuple[str, Path]]:
 
     root = Path(corpus.getComposer("bach")[0]).parents[1]
     paths = sorted(p for p in corpus.getPaths() if p.suffix in SCORE_SUFFIXES)
-    return [(str(p.relative_to(root)), p) for p in paths]
+    works = [(str(p.relative_to(root)), p) for p in paths]
+    return [(work_id, p) for work_id, p in works if work_id.split("/")[0] not in MONOPHONIC_COLLECTIONS]
 
 
 def cache_name(work_id: str, index: int | None = None) -> str:

@@ -53,7 +53,7 @@ def _write_float_function():
 class SoundFontSynth:
     """A SoundFont loaded once; `render(part, samples)` returns (2, samples) float32."""
 
-    def __init__(self, soundfont: str | Path, *, sample_rate: int = 44100, reverb: bool = True) -> None:
+    def __init__(self, soundfont: str | Path, *, sample_rate: int = 44100, reverb: bool = False) -> None:
         import fluidsynth
 
         self.soundfont = Path(soundfont)
@@ -61,8 +61,9 @@ class SoundFontSynth:
             raise FileNotFoundError(f"{self.soundfont}: SoundFont not found; install its Debian package")
         self.sample_rate = sample_rate
         self._synth = fluidsynth.Synth(samplerate=float(sample_rate), gain=0.5)
-        # .sf3 files are large when decoded: load samples as they are first used.
-        self._synth.setting("synth.dynamic-sample-loading", 1)
+        # Load every sample up front: with lazy loading a sample's first use renders differently from later ones.
+        self._synth.setting("synth.dynamic-sample-loading", 0)
+        # fluidsynth's reverb keeps its state from one part to the next; the renderer adds its own (seeded) reverb.
         self._synth.setting("synth.reverb.active", int(reverb))
         self._synth.setting("synth.chorus.active", 0)
         self._sfid = self._synth.sfload(str(self.soundfont))
@@ -86,12 +87,24 @@ class SoundFontSynth:
         right = out[1, start:stop]
         self._write_float(self._synth.synth, stop - start, left.ctypes.data, 0, 1, right.ctypes.data, 0, 1)
 
-    def render(self, part: Part, samples: int) -> np.ndarray:
-        """Render `part` alone into exactly `samples` stereo samples."""
+    def preset_name(self, bank: int, preset: int) -> str | None:
+        return self._synth.sfpreset_name(self._sfid, bank, preset) or None
+
+    def render(self, part: Part, samples: int, *, bank: int | None = None, preset: int | None = None) -> np.ndarray:
+        """Render `part` alone into exactly `samples` stereo samples.
+
+        Melodic parts play `part.program` from bank 0; drum parts the kit at (bank, preset), by default GM's
+        standard kit (128, 0).
+        """
         synth = self._synth
         synth.system_reset()
         channel = DRUM_CHANNEL if part.is_drum else 0
-        synth.program_select(channel, self._sfid, 128 if part.is_drum else 0, part.program)
+        if bank is None:
+            bank = 128 if part.is_drum else 0
+        if preset is None:
+            preset = 0 if part.is_drum else part.program
+        if synth.program_select(channel, self._sfid, bank, preset) != 0:
+            raise ValueError(f"{self.soundfont.name} has no preset {bank}:{preset}")
         events = []
         for note in part.notes:
             events.append((note.start, 1, note.pitch, note.velocity))

@@ -1,0 +1,220 @@
+"""(mixture, query, target) triples drawn from a rendered corpus, for training and for building eval sets.
+
+Query protocols, as the product offers them:
+- `same_stem`: another time segment of the target's own stem (same instrument, same SoundFont);
+- `cross_track`: the same GM program in another track (another work), when the corpus has one;
+- `mixture_region`: a region of the mixture itself where the target is prominent (REAPER's "time selection
+  as query"); the query then also contains the other sources, as it does for the user.
+
+Some draws have a target that is absent from the mixture (the query names an instrument that does not play):
+the right answer is silence.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from stemquery.model.audio import resample
+
+PROTOCOLS = ("same_stem", "cross_track", "mixture_region")
+#: Frame length (s) of the activity envelope used to find where a stem plays.
+ACTIVITY_HOP_S = 0.1
+ACTIVE_DBFS = -50.0
+
+
+@dataclass
+class Stem:
+    track: str
+    name: str
+    program: int
+    family: str
+    is_drum: bool
+    timbre: str
+    audio: np.ndarray  # int16 (channels, samples), memory-mapped
+    active: np.ndarray  # bool per ACTIVITY_HOP_S frame
+    energy: np.ndarray  # mean power per frame
+
+    @property
+    def key(self) -> tuple:
+        """What "the same instrument" means across tracks: program (or drums) and SoundFont."""
+        return ("drums" if self.is_drum else self.program, self.timbre.split(":")[0])
+
+
+@dataclass
+class Track:
+    name: str
+    stems: list[Stem]
+    samples: int
+
+
+def _activity(audio: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray]:
+    frames = audio.shape[1] // hop
+    power = np.square(audio[:, : frames * hop].astype(np.float32) / 32768.0).mean(axis=0)
+    energy = power.reshape(frames, hop).mean(axis=1)
+    return energy > 10 ** (ACTIVE_DBFS / 10), energy
+
+
+def cache_track(track_dir: Path, sample_rate: int) -> Path:
+    """Decode a track's stems once to int16 .npy at `sample_rate` (memory-mapped later). Returns the cache dir."""
+    cache = track_dir / f"cache_{sample_rate}"
+    if (cache / "done").exists():
+        return cache
+    cache.mkdir(exist_ok=True)
+    meta = json.loads((track_dir / "meta.json").read_text())
+    for index, record in enumerate(meta["stems"]):
+        audio, rate = sf.read(track_dir / record["file"], dtype="float32", always_2d=True)
+        audio = resample(np.ascontiguousarray(audio.T), rate, sample_rate)
+        np.save(cache / f"{index:02d}.npy", np.clip(audio * 32768.0, -32768, 32767).astype(np.int16))
+    (cache / "done").write_text("")
+    return cache
+
+
+def load_corpus(root: Path, sample_rate: int) -> list[Track]:
+    hop = int(ACTIVITY_HOP_S * sample_rate)
+    tracks = []
+    for track_dir in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
+        meta = json.loads((track_dir / "meta.json").read_text())
+        cache = cache_track(track_dir, sample_rate)
+        stems = []
+        for index, record in enumerate(meta["stems"]):
+            audio = np.load(cache / f"{index:02d}.npy", mmap_mode="r")
+            active, energy = _activity(np.asarray(audio), hop)
+            stems.append(Stem(track_dir.name, record["part"], record["program"], record["family"],
+                              record["is_drum"], record["timbre"], audio, active, energy))
+        if len(stems) >= 2:
+            tracks.append(Track(track_dir.name, stems, min(s.audio.shape[1] for s in stems)))
+    return tracks
+
+
+@dataclass
+class Triple:
+    mixture: np.ndarray  # float32 (channels, samples)
+    target: np.ndarray
+    query: np.ndarray
+    protocol: str
+    info: dict
+
+
+class TripleSampler:
+    """Draws triples from loaded tracks with a numpy Generator (deterministic for a seed)."""
+
+    def __init__(self, tracks: list[Track], *, sample_rate: int, segment_s: float, query_s: float,
+                 protocols: tuple[str, ...] = PROTOCOLS, absent_target_p: float = 0.05,
+                 min_active: float = 0.5, random_gains: bool = True) -> None:
+        self.tracks = tracks
+        self.rate = sample_rate
+        self.segment = int(segment_s * sample_rate)
+        self.query_len = int(query_s * sample_rate)
+        self.hop = int(ACTIVITY_HOP_S * sample_rate)
+        self.protocols = protocols
+        self.absent_target_p = absent_target_p
+        self.min_active = min_active
+        self.random_gains = random_gains
+        self.by_key: dict[tuple, list[Stem]] = {}
+        for track in tracks:
+            for stem in track.stems:
+                self.by_key.setdefault(stem.key, []).append(stem)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _frames(self, samples: int) -> int:
+        return max(1, samples // self.hop)
+
+    def _active_starts(self, stem: Stem, length: int, limit: int, min_active: float) -> np.ndarray:
+        """Frame indices where a window of `length` samples has at least `min_active` of its frames active."""
+        window = self._frames(length)
+        usable = min(len(stem.active), limit // self.hop) - window + 1
+        if usable <= 0:
+            return np.array([], dtype=int)
+        csum = np.concatenate([[0], np.cumsum(stem.active[: usable + window - 1])])
+        share = (csum[window:] - csum[:-window]) / window
+        return np.flatnonzero(share >= min_active)
+
+    def _cut(self, stem: Stem, start: int, length: int) -> np.ndarray:
+        clip = np.asarray(stem.audio[:, start: start + length], dtype=np.float32) / 32768.0
+        if clip.shape[1] < length:
+            clip = np.pad(clip, ((0, 0), (0, length - clip.shape[1])))
+        return clip
+
+    def _gain(self, rng: np.random.Generator) -> float:
+        return float(10 ** (rng.uniform(-6, 6) / 20)) if self.random_gains else 1.0
+
+    # -- drawing ----------------------------------------------------------------------------------------------
+    def draw(self, rng: np.random.Generator, protocol: str | None = None) -> Triple:
+        for _ in range(100):
+            triple = self._try(rng, protocol or self.protocols[int(rng.integers(len(self.protocols)))])
+            if triple is not None:
+                return triple
+        raise RuntimeError("could not draw a triple: the corpus has too little active audio")
+
+    def _try(self, rng: np.random.Generator, protocol: str) -> Triple | None:
+        track = self.tracks[int(rng.integers(len(self.tracks)))]
+        target = track.stems[int(rng.integers(len(track.stems)))]
+        starts = self._active_starts(target, self.segment, track.samples, self.min_active)
+        if len(starts) == 0:
+            return None
+        start = int(starts[int(rng.integers(len(starts)))]) * self.hop
+        others = [s for s in track.stems if s is not target]
+        chosen = [others[i] for i in rng.choice(len(others), size=int(rng.integers(1, len(others) + 1)),
+                                                 replace=False)]
+        target_audio = self._cut(target, start, self.segment) * self._gain(rng)
+        rest = [self._cut(s, start, self.segment) * self._gain(rng) for s in chosen]
+        absent = protocol != "mixture_region" and rng.random() < self.absent_target_p
+        query_stem, query = target, None
+        if protocol == "same_stem":
+            query = self._query_same_stem(rng, target, start, track.samples)
+        elif protocol == "cross_track":
+            query, query_stem = self._query_cross_track(rng, target)
+        elif protocol == "mixture_region":
+            query = self._query_mixture_region(rng, target, chosen, track.samples)
+        if query is None:
+            return None
+        if absent:  # the query's instrument does not play in this mixture
+            target_audio = np.zeros_like(target_audio)
+        mixture = target_audio + np.sum(rest, axis=0)
+        peak = max(np.abs(mixture).max(), np.abs(query).max(), 1e-6)
+        scale = min(1.0, 0.99 / peak)
+        info = {"track": track.name, "target": target.name, "program": target.program, "family": target.family,
+                "timbre": target.timbre, "start_s": start / self.rate, "absent": bool(absent),
+                "sources": 1 + len(chosen), "query_track": query_stem.track}
+        return Triple(mixture * scale, target_audio * scale, query * scale, protocol, info)
+
+    def _query_same_stem(self, rng, stem: Stem, avoid_start: int, limit: int) -> np.ndarray | None:
+        starts = self._active_starts(stem, self.query_len, limit, self.min_active) * self.hop
+        apart = starts[(starts + self.query_len <= avoid_start) | (starts >= avoid_start + self.segment)]
+        if len(apart) == 0:
+            return None
+        return self._cut(stem, int(apart[int(rng.integers(len(apart)))]), self.query_len) * self._gain(rng)
+
+    def _query_cross_track(self, rng, stem: Stem) -> tuple[np.ndarray | None, Stem]:
+        candidates = [s for s in self.by_key.get(stem.key, []) if s.track != stem.track]
+        if not candidates:
+            return None, stem
+        other = candidates[int(rng.integers(len(candidates)))]
+        starts = self._active_starts(other, self.query_len, other.audio.shape[1], self.min_active)
+        if len(starts) == 0:
+            return None, stem
+        start = int(starts[int(rng.integers(len(starts)))]) * self.hop
+        return self._cut(other, start, self.query_len) * self._gain(rng), other
+
+    def _query_mixture_region(self, rng, target: Stem, chosen: list[Stem], limit: int) -> np.ndarray | None:
+        """The mix (target + the same other sources) where the target is loudest relative to the rest."""
+        window = self._frames(self.query_len)
+        frames = min(len(target.energy), limit // self.hop)
+        if frames < window:
+            return None
+        rest_energy = np.sum([s.energy[:frames] for s in chosen], axis=0)
+        ratio = target.energy[:frames] / (rest_energy + 1e-9)
+        kernel = np.ones(window) / window
+        score = np.convolve(ratio, kernel, mode="valid")
+        active = np.convolve(target.active[:frames].astype(float), kernel, mode="valid") >= self.min_active
+        score[~active] = -np.inf
+        if not np.isfinite(score).any():
+            return None
+        best = np.argsort(score)[-3:]  # one of the three best regions, so it is not always the same one
+        start = int(best[int(rng.integers(len(best)))]) * self.hop
+        region = self._cut(target, start, self.query_len) + sum(self._cut(s, start, self.query_len) for s in chosen)
+        return region

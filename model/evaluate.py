@@ -1,0 +1,191 @@
+"""Eval sets and the `stemquery eval` harness: SNR, SI-SDR and SDR per case, beside honest baselines.
+
+Eval set format (docs/evaluation.md): SET/case_NNN/{mixture, query, target}.flac + meta.json.
+Every report carries, beside the engines asked for: `mix` (the unprocessed mixture: 0 dB improvement by
+definition), `nmf` (the classical baseline) and `irm` (the ideal ratio mask with the engines' STFT: the ceiling
+of a mask model).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from stemquery.model.stft import STFT
+
+log = logging.getLogger(__name__)
+
+METRICS = ("snr", "si_sdr", "sdr")
+BASELINES = ("mix", "nmf", "irm")
+EPS = 1e-9
+
+
+# -- metrics: (channels, samples) arrays, channels joined end to end (a hard-panned source may leave one
+# channel silent, where a per-channel ratio is undefined) ---------------------------------------------------------
+def _flat(audio: np.ndarray) -> np.ndarray:
+    return np.asarray(audio, np.float64).reshape(-1)
+
+
+def snr(estimate: np.ndarray, reference: np.ndarray) -> float:
+    estimate, reference = _flat(estimate), _flat(reference)
+    return float(10 * np.log10((np.sum(reference**2) + EPS) / (np.sum((estimate - reference) ** 2) + EPS)))
+
+
+def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
+    estimate, reference = _flat(estimate), _flat(reference)
+    projection = (estimate @ reference) / (reference @ reference + EPS) * reference
+    return float(10 * np.log10((np.sum(projection**2) + EPS) / (np.sum((estimate - projection) ** 2) + EPS)))
+
+
+def sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """BSS Eval SDR (distortion filter of 512 taps) via fast_bss_eval, in torch float32."""
+    import fast_bss_eval
+
+    ref = torch.from_numpy(_flat(reference).astype(np.float32))[None]
+    est = torch.from_numpy(_flat(estimate).astype(np.float32))[None]
+    return float(fast_bss_eval.sdr(ref, est, clamp_db=100, load_diag=1e-6))
+
+
+METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"snr": snr, "si_sdr": si_sdr, "sdr": sdr}
+
+
+def irm_oracle(mixture: np.ndarray, target: np.ndarray, stft: STFT = STFT(2048, 512)) -> np.ndarray:
+    """Ideal (power) ratio mask from the true sources, applied to the mixture's STFT."""
+    mix_t, target_t = torch.from_numpy(mixture), torch.from_numpy(target)
+    spec_mix, spec_target, spec_rest = stft.forward(mix_t), stft.forward(target_t), stft.forward(mix_t - target_t)
+    mask = spec_target.abs() ** 2 / (spec_target.abs() ** 2 + spec_rest.abs() ** 2 + EPS)
+    return stft.inverse(spec_mix * mask, mixture.shape[-1]).numpy()
+
+
+# -- eval sets -------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    mixture: np.ndarray
+    query: np.ndarray
+    target: np.ndarray
+    sample_rate: int
+    meta: dict
+
+
+def read_case(folder: Path) -> Case:
+    def load(name: str) -> tuple[np.ndarray, int]:
+        audio, rate = sf.read(folder / f"{name}.flac", dtype="float32", always_2d=True)
+        return np.ascontiguousarray(audio.T), rate
+
+    mixture, rate = load("mixture")
+    return Case(folder.name, mixture, load("query")[0], load("target")[0], rate,
+                json.loads((folder / "meta.json").read_text()))
+
+
+def case_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.name.startswith("case_") and (p / "meta.json").exists())
+
+
+def build_evalset(corpus: Path, out: Path, *, cases: int, seed: int, sample_rate: int = 44100,
+                  segment_s: float = 10.0, query_s: float = 4.0, protocols=None) -> int:
+    """Draw `cases` cases from a rendered corpus, protocols in turn; returns how many were written."""
+    from stemquery.model.data.dataset import PROTOCOLS, TripleSampler, load_corpus
+
+    protocols = tuple(protocols or PROTOCOLS)
+    sampler = TripleSampler(load_corpus(corpus, sample_rate), sample_rate=sample_rate, segment_s=segment_s,
+                            query_s=query_s, protocols=protocols, absent_target_p=0.0, random_gains=False)
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for index in range(cases):
+        protocol = protocols[index % len(protocols)]
+        triple = sampler.draw(rng, protocol)
+        folder = out / f"case_{index:03d}"
+        folder.mkdir(exist_ok=True)
+        for name in ("mixture", "query", "target"):
+            sf.write(folder / f"{name}.flac", getattr(triple, name).T, sample_rate, subtype="PCM_24")
+        (folder / "meta.json").write_text(json.dumps({"protocol": protocol, "sample_rate": sample_rate,
+                                                     "corpus": str(corpus), **triple.info}, indent=1))
+    return cases
+
+
+# -- the harness -----------------------------------------------------------------------------------------------
+def score(estimate: np.ndarray, case: Case) -> dict[str, float]:
+    values = {m: METRIC_FUNCTIONS[m](estimate, case.target) for m in METRICS}
+    for m in METRICS:
+        values[f"{m}_i"] = values[m] - METRIC_FUNCTIONS[m](case.mixture, case.target)
+    return values
+
+
+def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run every engine (and the baselines) on every case; return per-case rows and summaries."""
+    from stemquery.model.api import Separator
+
+    names = list(dict.fromkeys([*BASELINES, *engines]))
+    separators = {n: Separator(n, device=device) for n in names if n not in ("mix", "irm")}
+    folders = case_folders(root)[:limit]
+    rows = []
+    seconds = {n: 0.0 for n in names}
+    audio_seconds = 0.0
+    for index, folder in enumerate(folders):
+        case = read_case(folder)
+        audio_seconds += case.mixture.shape[1] / case.sample_rate
+        for name in names:
+            started = time.perf_counter()
+            if name == "mix":
+                estimate = case.mixture
+            elif name == "irm":
+                estimate = irm_oracle(case.mixture, case.target)
+            else:
+                estimate = separators[name].separate(case.mixture, case.sample_rate, [case.query]).target
+            seconds[name] += time.perf_counter() - started
+            rows.append({"case": case.name, "engine": name, "protocol": case.meta.get("protocol", ""),
+                         "family": case.meta.get("family", ""), **score(estimate, case)})
+        if progress:
+            progress(index + 1, len(folders))
+    rtf = {n: (seconds[n] / audio_seconds if audio_seconds else 0.0) for n in names}
+    return {"set": str(root), "cases": len(folders), "engines": names, "rtf": rtf, "rows": rows,
+            "summary": summarise(rows, names)}
+
+
+def summarise(rows: list[dict], engines: list[str]) -> dict:
+    def stats(selected: list[dict]) -> dict:
+        out = {"n": len(selected)}
+        for m in METRICS:
+            for key in (m, f"{m}_i"):
+                values = np.array([r[key] for r in selected])
+                out[f"{key}_mean"] = float(values.mean()) if len(values) else float("nan")
+                out[f"{key}_median"] = float(np.median(values)) if len(values) else float("nan")
+        return out
+
+    summary: dict = {"overall": {}, "protocol": {}, "family": {}}
+    for engine in engines:
+        mine = [r for r in rows if r["engine"] == engine]
+        summary["overall"][engine] = stats(mine)
+        for group in ("protocol", "family"):
+            for value in sorted({r[group] for r in mine}):
+                summary[group].setdefault(value, {})[engine] = stats([r for r in mine if r[group] == value])
+    return summary
+
+
+def markdown_report(result: dict) -> str:
+    engines = result["engines"]
+    lines = [f"Eval set `{result['set']}`: {result['cases']} cases. Improvements (…i) are over the unprocessed mix;"
+             " means (medians in brackets), dB.", "",
+             "| engine | SNRi | SI-SDRi | SDRi | SI-SDR | RTF |", "| --- | --- | --- | --- | --- | --- |"]
+    for engine in engines:
+        s = result["summary"]["overall"][engine]
+        lines.append(f"| {engine} | {s['snr_i_mean']:.2f} ({s['snr_i_median']:.2f}) | "
+                     f"{s['si_sdr_i_mean']:.2f} ({s['si_sdr_i_median']:.2f}) | "
+                     f"{s['sdr_i_mean']:.2f} ({s['sdr_i_median']:.2f}) | {s['si_sdr_mean']:.2f} | "
+                     f"{result['rtf'][engine]:.3f} |")
+    for group in ("protocol", "family"):
+        lines += ["", f"SI-SDR improvement by {group} (mean, dB; n cases):", "",
+                  f"| {group} | n | " + " | ".join(engines) + " |", "| --- | --- | " + " | ".join("---" for _ in engines) + " |"]
+        for value, per_engine in result["summary"][group].items():
+            n = next(iter(per_engine.values()))["n"]
+            lines.append(f"| {value} | {n} | " + " | ".join(f"{per_engine[e]['si_sdr_i_mean']:.2f}" for e in engines) + " |")
+    return "\n".join(lines) + "\n"
