@@ -244,3 +244,41 @@ def evaluate_command(eval_set, engines, out, limit, device) -> None:
     report = markdown_report(result)
     (out / "results.md").write_text(report)
     click.echo(report)
+
+
+@main.group()
+def train() -> None:
+    """Train the learned engines (long jobs: run them in the background, they checkpoint and resume)."""
+
+
+@train.command("separator")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--resume", type=click.Path(path_type=Path, exists=True), default=None,
+              help="A checkpoint (RUN/last.pt) to continue from.")
+@click.option("--minutes", type=float, default=None, help="Stop after this long (overrides the config).")
+def train_separator(config_file, resume, minutes) -> None:
+    """Train the band-split Mamba separator on a rendered corpus."""
+    import dataclasses
+
+    from stemquery.model.train import Trainer, TrainConfig
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    config = TrainConfig.load(config_file)
+    if minutes is not None:
+        config = dataclasses.replace(config, minutes=minutes)
+    trainer = Trainer(config)
+    if resume:
+        trainer.resume(resume)
+    trainer.run()
+
+
+@train.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Weights path without suffix, e.g. model/weights/bsmamba-v1")
+def train_export(checkpoint, out) -> None:
+    """Write a training checkpoint as shipped weights (.safetensors + .json)."""
+    from stemquery.model.train import export
+
+    export(checkpoint, out)
+    click.echo(f"{out}.safetensors, {out}.json")

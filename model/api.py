@@ -97,9 +97,6 @@ class Separator:
 
     def __init__(self, engine: str = DEFAULT_ENGINE, *, device: str | torch.device = "auto", **options) -> None:
         cls = engine_class(engine)
-        reason = cls.unavailable_reason()
-        if reason:
-            raise AudioInputError(f"engine {engine!r} cannot run here: {reason}")
         self.device = resolve_device(device)
         self.engine = cls(device=self.device, **options)
         log.info("engine %s ready on %s", engine, self.device)

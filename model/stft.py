@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-
 import torch
 
 
-@lru_cache(maxsize=16)
 def _window(n_fft: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    # Not cached: a window made under inference_mode could not be used in a training graph later.
     return torch.hann_window(n_fft, device=device, dtype=dtype)
 
 
@@ -30,7 +28,7 @@ class STFT:
         flat = audio.reshape(-1, audio.shape[-1])
         spec = torch.stft(
             flat, self.n_fft, self.hop, window=_window(self.n_fft, str(audio.device), audio.dtype),
-            center=True, return_complex=True,
+            center=True, pad_mode="constant", return_complex=True,  # constant: inputs shorter than n_fft work
         )
         return spec.reshape(*lead, *spec.shape[-2:])
 

@@ -1,0 +1,66 @@
+"""Musical band split: contiguous STFT bin ranges, narrow at low frequencies and wide at high ones (mel-spaced),
+per-band normalisation and projection in, and per-band complex mask estimation out."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+
+def musical_bands(bins: int, sample_rate: int, count: int, *, min_width: int = 2) -> list[tuple[int, int]]:
+    """`count` contiguous (start, stop) bin ranges covering all `bins`, with edges evenly spaced on the mel scale."""
+    nyquist = sample_rate / 2
+
+    def mel(hz):
+        return 2595 * np.log10(1 + np.asarray(hz) / 700)
+
+    edges_hz = 700 * (10 ** (np.linspace(0, mel(nyquist), count + 1) / 2595) - 1)
+    edges = np.round(edges_hz / nyquist * (bins - 1)).astype(int)
+    edges[0], edges[-1] = 0, bins
+    for i in range(1, count + 1):  # widen the narrow low bands; the rest shift up
+        edges[i] = max(edges[i], edges[i - 1] + min_width)
+    if edges[-1] > bins:
+        raise ValueError(f"{count} bands of at least {min_width} bins do not fit in {bins} bins")
+    edges[-1] = bins
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class BandSplit(nn.Module):
+    """(batch, channels, bins, frames) complex → (batch, bands, frames, dim): per band RMSNorm + Linear of
+    the real and imaginary parts of its bins in every channel."""
+
+    def __init__(self, bands: list[tuple[int, int]], channels: int, dim: int) -> None:
+        super().__init__()
+        self.bands = bands
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.RMSNorm(2 * channels * (stop - start)), nn.Linear(2 * channels * (stop - start), dim))
+            for start, stop in bands
+        )
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        features = torch.view_as_real(spec)  # (b, c, f, t, 2)
+        out = []
+        for (start, stop), layer in zip(self.bands, self.layers):
+            band = rearrange(features[:, :, start:stop], "b c f t z -> b t (c f z)")
+            out.append(layer(band))
+        return torch.stack(out, dim=1)
+
+
+class MaskEstimator(nn.Module):
+    """(batch, bands, frames, dim) → complex mask (batch, channels, bins, frames): a GLU MLP per band."""
+
+    def __init__(self, bands: list[tuple[int, int]], channels: int, dim: int, hidden_factor: int = 2) -> None:
+        super().__init__()
+        self.bands, self.channels = bands, channels
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, hidden_factor * dim), nn.Tanh(),
+                          nn.Linear(hidden_factor * dim, 2 * 2 * channels * (stop - start)), nn.GLU(dim=-1))
+            for start, stop in bands
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = []
+        for index, layer in enumerate(self.layers):
+            masks.append(rearrange(layer(x[:, index]), "b t (c f z) -> b c f t z", c=self.channels, z=2))
+        return torch.view_as_complex(torch.cat(masks, dim=2).float().contiguous())

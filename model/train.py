@@ -1,0 +1,225 @@
+"""Training the separator on the rendered corpus, resumable across sessions.
+
+    stemquery train separator --config model/configs/bsmamba.toml [--resume runs/bsmamba/last.pt]
+
+Loss: L1-SNR (as Banquet) on the waveform plus L1-SNR on the complex spectrogram. It is scale-aware (a quiet
+target counts as much as a loud one), it does not explode on near-silent targets the way an SNR in dB does, and
+with its floor tied to the mixture it teaches silence when the queried instrument is absent.
+
+Logs: `RUN/log.jsonl` (a JSON object per logged step and per validation), checkpoints `RUN/last.pt` every
+`checkpoint_minutes` and at the end; `RUN/curve.json` holds the validation SI-SDR improvement by step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stemquery.model.bsmamba import BSMamba, BSMambaConfig
+from stemquery.model.stft import STFT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: Path = Path("runs/bsmamba")
+    train_corpus: Path = Path("data/train")
+    val_set: Path = Path("data/eval_val")
+    seed: int = 0
+    batch: int = 4
+    segment_s: float = 3.0
+    query_s: float = 3.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 200
+    #: Learning rate halves every this many steps after warm-up (several resumed sessions, no fixed end).
+    lr_half_life: int = 4000
+    max_steps: int = 100_000
+    #: Stop after this many minutes in this run (a session is 180 min; leave time to commit).
+    minutes: float = 120.0
+    grad_clip: float = 5.0
+    log_every: int = 10
+    validate_every: int = 250
+    val_cases: int = 24
+    checkpoint_minutes: float = 5.0
+    protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
+    absent_target_p: float = 0.05
+    bf16: bool = True
+    threads: int = 2
+    model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        data = tomllib.loads(Path(path).read_text())
+        model = BSMambaConfig(**data.pop("model", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training setting(s) {sorted(unknown)}")
+        for key in ("run_dir", "train_corpus", "val_set"):
+            if key in data:
+                data[key] = Path(data[key])
+        if "protocols" in data:
+            data["protocols"] = tuple(data["protocols"])
+        return cls(**data, model=model)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        return json.loads(json.dumps(out, default=str))
+
+
+def l1_snr(estimate: torch.Tensor, target: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """10·log10((‖target − estimate‖₁ + floor) / (‖target‖₁ + floor)) per example (lower is better)."""
+    error = (target - estimate).abs().flatten(1).sum(-1)
+    reference = target.abs().flatten(1).sum(-1)
+    return 10 * torch.log10((error + floor) / (reference + floor))
+
+
+def separation_loss(estimate_spec: torch.Tensor, target: torch.Tensor, mixture: torch.Tensor,
+                    stft: STFT) -> torch.Tensor:
+    estimate = stft.inverse(estimate_spec, target.shape[-1])
+    target_spec = stft.forward(target)
+    # The floor: 1e-3 of the mixture's own norm, so an absent target is learned as "output silence".
+    wave_floor = 1e-3 * mixture.abs().flatten(1).sum(-1)
+    spec_floor = 1e-3 * stft.forward(mixture).abs().flatten(1).sum(-1)
+    wave = l1_snr(estimate, target, wave_floor)
+    spec = l1_snr(torch.view_as_real(estimate_spec), torch.view_as_real(target_spec), spec_floor)
+    return (wave + spec).mean()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        from stemquery.model.data.dataset import TripleSampler, load_corpus
+
+        self.config = config
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = BSMamba(config.model)
+        self.stft = STFT(config.model.n_fft, config.model.hop)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self.curve: list[dict] = []
+        self.rng = np.random.default_rng(config.seed)
+        tracks = load_corpus(config.train_corpus, config.model.sample_rate)
+        log.info("training corpus: %d tracks, %.1f stem-hours", len(tracks),
+                 sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
+        self.sampler = TripleSampler(tracks, sample_rate=config.model.sample_rate, segment_s=config.segment_s,
+                                     query_s=config.query_s, protocols=config.protocols,
+                                     absent_target_p=config.absent_target_p)
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def save(self, path: Path | None = None) -> Path:
+        path = path or self.config.run_dir / "last.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "curve": self.curve, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "config": self.config.to_dict()}, tmp)
+        tmp.replace(path)
+        (self.config.run_dir / "curve.json").write_text(json.dumps(self.curve, indent=1))
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.curve = state["step"], state["curve"]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def learning_rate(self) -> float:
+        c = self.config
+        if self.step < c.warmup_steps:
+            return c.lr * (self.step + 1) / c.warmup_steps
+        return c.lr * 0.5 ** ((self.step - c.warmup_steps) / c.lr_half_life)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
+        stack = lambda name: torch.from_numpy(np.stack([getattr(t, name) for t in triples]))  # noqa: E731
+        return stack("mixture"), stack("target"), stack("query")
+
+    def train_step(self) -> float:
+        mixture, target, query = self.batch()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            embedding = self.model.embed_queries([self.stft.forward(query)])
+            estimate = self.model(self.stft.forward(mixture), embedding)
+        loss = separation_loss(estimate.to(torch.complex64), target, mixture, self.stft)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean SI-SDR improvement on the first `val_cases` cases of the val eval set."""
+        from stemquery.model.evaluate import case_folders, read_case, si_sdr
+
+        self.model.eval()
+        gains = {}
+        for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
+            case = read_case(folder)
+            spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
+            embedding = self.model.embed_queries([self.stft.forward(torch.from_numpy(case.query))[None]])
+            estimate = self.stft.inverse(self.model(spec, embedding)[0], case.mixture.shape[1]).numpy()
+            gain = si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target)
+            gains.setdefault(case.meta.get("protocol", ""), []).append(gain)
+        self.model.train()
+        everything = [g for values in gains.values() for g in values]
+        return {"step": self.step, "si_sdr_i": float(np.mean(everything)),
+                **{f"si_sdr_i_{k}": float(np.mean(v)) for k, v in gains.items()}}
+
+    def run(self) -> None:
+        c = self.config
+        started = last_checkpoint = time.monotonic()
+        log_file = (c.run_dir / "log.jsonl").open("a")
+        losses = []
+        self.model.train()
+        while self.step < c.max_steps and (time.monotonic() - started) / 60 < c.minutes:
+            step_started = time.monotonic()
+            losses.append(self.train_step())
+            if self.step % c.log_every == 0:
+                record = {"step": self.step, "loss": float(np.mean(losses)), "lr": self.learning_rate(),
+                          "step_s": time.monotonic() - step_started, "time": time.time()}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                log.info("step %d loss %.3f", self.step, record["loss"])
+                losses = []
+            if self.step % c.validate_every == 0 and c.val_set.exists():
+                result = self.validate()
+                self.curve.append(result)
+                log_file.write(json.dumps({"validation": result}) + "\n")
+                log_file.flush()
+                log.info("validation at step %d: SI-SDRi %.2f dB", self.step, result["si_sdr_i"])
+            if (time.monotonic() - last_checkpoint) / 60 >= c.checkpoint_minutes:
+                self.save()
+                last_checkpoint = time.monotonic()
+        self.save()
+        log_file.close()
+        log.info("stopped at step %d after %.1f min", self.step, (time.monotonic() - started) / 60)
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """Write a checkpoint's model as shipped weights (safetensors + config JSON with its training provenance)."""
+    from stemquery.model.engines.bsmamba import save_weights
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model_config = BSMambaConfig(**state["config"]["model"])
+    model = BSMamba(model_config)
+    model.load_state_dict(state["model"])
+    curve = state["curve"]
+    save_weights(model, out, extra={"step": state["step"], "validation": curve[-1] if curve else None,
+                                    "train_config": state["config"]})
+

@@ -1,0 +1,148 @@
+"""The training-data renderer, the triple sampler, eval sets and the metrics (real fluidsynth, a few seconds)."""
+import json
+import shutil
+from pathlib import Path
+
+import mido
+import numpy as np
+import pytest
+import soundfile as sf
+
+from stemquery.model.data.dataset import TripleSampler, load_corpus
+from stemquery.model.data.render import EXTRA_KITS, SOUNDFONTS, RenderConfig, render_dataset
+from stemquery.model.data.splits import held_out, split_of
+from stemquery.model.evaluate import build_evalset, evaluate, si_sdr, sdr, snr
+
+FLUID = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+needs_fluidsynth = pytest.mark.skipif(not FLUID.exists() or shutil.which("fluidsynth") is None,
+                                      reason="needs Debian's fluidsynth and fluid-soundfont-gm (.ci/run installs them)")
+
+
+def write_midi(path: Path, voices: list[list[tuple[float, float, int]]], program: int = 0) -> None:
+    """A type-1 MIDI file at 120 bpm (480 ticks a beat), one track per voice of (start s, end s, pitch)."""
+    midi = mido.MidiFile(type=1, ticks_per_beat=480)
+    for channel, notes in enumerate(voices):
+        track = mido.MidiTrack([mido.MetaMessage("track_name", name=f"voice{channel}"),
+                                mido.Message("program_change", channel=channel, program=program)])
+        events = sorted([(s, "note_on", p) for s, _, p in notes] + [(e, "note_off", p) for _, e, p in notes])
+        tick = 0
+        for time, kind, pitch in events:
+            at = int(round(time * 960))
+            track.append(mido.Message(kind, channel=channel, note=pitch, velocity=90, time=at - tick))
+            tick = at
+        midi.tracks.append(track)
+    midi.save(path)
+
+
+@pytest.fixture(scope="module")
+def midi_cache(tmp_path_factory):
+    """Three tiny 'works' named like music21 corpus files that are in neither held-out list."""
+    folder = tmp_path_factory.mktemp("midi")
+    melody = [(i * 0.5, i * 0.5 + 0.4, 67 + (i * 5) % 12) for i in range(12)]
+    bass = [(i * 1.0, i * 1.0 + 0.9, 40 + (i * 7) % 12) for i in range(3)]  # rests after 2.9 s
+    chords = [(i * 1.0, i * 1.0 + 0.8, p) for i in range(6) for p in (55, 59)]
+    for name in ("testworks__a.mxl", "testworks__b.mxl", "testworks__c.mxl"):
+        assert split_of("music21:" + name.replace("__", "/")) == "train"
+        write_midi(folder / f"{name}.mid", [melody, bass, chords])
+    return folder
+
+
+def render(out: Path, midi_cache: Path, *, seed: int = 3, workers: int = 1) -> list[dict]:
+    config = RenderConfig(out=out, timbres="train", hours=25 / 3600, seed=seed, workers=workers,
+                          midi_cache=midi_cache, mma_share=0.0, soundfonts=(FLUID,))
+    return render_dataset(config)
+
+
+@needs_fluidsynth
+def test_render_stems_sum_to_mix_with_metadata(tmp_path, midi_cache):
+    metas = render(tmp_path / "r", midi_cache)
+    assert metas and sum(m["seconds"] for m in metas) >= 20
+    for meta in metas:
+        folder = tmp_path / "r" / meta["track"]
+        mix, rate = sf.read(folder / "mix.flac", always_2d=True)
+        stems = [sf.read(folder / s["file"], always_2d=True)[0] for s in meta["stems"]]
+        assert rate == 44100 and sf.info(folder / "mix.flac").subtype == "PCM_16"
+        assert np.abs(mix - np.sum(stems, axis=0)).max() <= len(stems) * 2.0**-15 + 1e-9
+        assert np.abs(mix).max() < 1.0 and all(np.abs(s).max() < 1.0 for s in stems)
+        assert len({s["program"] for s in meta["stems"]}) == len(stems)  # distinct instruments in a mix
+        for record in meta["stems"]:
+            assert {"program", "family", "timbre", "part"} <= set(record) and record["timbre"] == FLUID.name
+        assert meta["work"].startswith("music21:testworks/")
+
+
+@needs_fluidsynth
+def test_render_is_deterministic_for_a_seed_whatever_the_workers(tmp_path, midi_cache):
+    first = render(tmp_path / "a", midi_cache, workers=1)
+    second = render(tmp_path / "b", midi_cache, workers=2)
+    other = render(tmp_path / "c", midi_cache, seed=4)
+    assert [m["stems"] for m in first] == [m["stems"] for m in second]
+    for meta in first:
+        for name in ["mix.flac"] + [s["file"] for s in meta["stems"]]:
+            a, _ = sf.read(tmp_path / "a" / meta["track"] / name)
+            b, _ = sf.read(tmp_path / "b" / meta["track"] / name)
+            np.testing.assert_array_equal(a, b)
+    assert [m["stems"] for m in first] != [m["stems"] for m in other]
+
+
+@needs_fluidsynth
+def test_silence_is_silence(tmp_path, midi_cache):
+    metas = render(tmp_path / "s", midi_cache)
+    for meta in metas:
+        bass = next(s for s in meta["stems"] if s["part"] == "voice1")
+        audio, rate = sf.read(tmp_path / "s" / meta["track"] / bass["file"])
+        # the last bass note ends at 2.9 s; release and the longest reverb tail (1.8 s) are over by 5.3 s
+        quiet = audio[int(5.3 * rate):]
+        assert len(quiet) > rate and np.all(quiet == 0.0)
+        assert np.abs(audio[: int(2.9 * rate)]).max() > 0.01
+
+
+def test_splits_are_disjoint_and_reserved_timbres_never_train():
+    val, test = held_out("val"), held_out("test")
+    assert len(val) >= 100 and len(test) >= 100 and not val & test
+    assert all(split_of(w) == "val" for w in val) and all(split_of(w) == "test" for w in test)
+    reserved = {"TimGM6mb.sf2", "sf_GMbank.sf2"}
+    training = {p.name for p in SOUNDFONTS["train"]} | {p.name for p in SOUNDFONTS["val"]}
+    assert not training & reserved and {p.name for p in SOUNDFONTS["test"]} == reserved
+    kits = " ".join(str(k[0]) for split in ("train", "val") for k in EXTRA_KITS[split])
+    assert not any(name in kits for name in ("ForzeeStereo", "BJA_Pacific", "rumpf", "TimGM6mb", "sf_GMbank"))
+
+
+@needs_fluidsynth
+def test_sampler_triples_and_eval_harness(tmp_path, midi_cache):
+    render(tmp_path / "r", midi_cache, seed=5)
+    tracks = load_corpus(tmp_path / "r", 44100)
+    sampler = TripleSampler(tracks, sample_rate=44100, segment_s=2.0, query_s=1.0, absent_target_p=0.0)
+    rng = np.random.default_rng(0)
+    for protocol in ("same_stem", "mixture_region"):
+        triple = sampler.draw(rng, protocol)
+        assert triple.mixture.shape == triple.target.shape == (2, 88200) and triple.query.shape == (2, 44100)
+        assert np.abs(triple.target).max() > 0 and triple.protocol == protocol
+    absent = TripleSampler(tracks, sample_rate=44100, segment_s=2.0, query_s=1.0, absent_target_p=1.0)
+    triple = absent.draw(rng, "same_stem")
+    assert triple.info["absent"] and not np.any(triple.target) and np.any(triple.mixture)
+
+    build_evalset(tmp_path / "r", tmp_path / "e", cases=3, seed=0, segment_s=2.0, query_s=1.0,
+                  protocols=("same_stem",))
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["case_000", "case_001", "case_002"]
+    meta = json.loads((tmp_path / "e" / "case_000" / "meta.json").read_text())
+    assert meta["protocol"] == "same_stem" and meta["family"]
+    result = evaluate(tmp_path / "e", [])
+    overall = result["summary"]["overall"]
+    assert overall["mix"]["si_sdr_i_mean"] == 0.0 and overall["mix"]["n"] == 3
+    assert overall["irm"]["si_sdr_i_mean"] > overall["nmf"]["si_sdr_i_mean"]
+    assert set(result["rtf"]) == {"mix", "nmf", "irm"}
+
+
+def test_metrics_on_known_signals():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 44100)).astype(np.float32)
+    noise = rng.standard_normal((2, 44100)).astype(np.float32)
+    noise *= np.sqrt(np.sum(x**2) / np.sum(noise**2)) / 10  # 20 dB below x
+    assert snr(x + noise, x) == pytest.approx(20.0, abs=0.01)
+    assert si_sdr(x + noise, x) == pytest.approx(20.0, abs=0.05)
+    assert si_sdr(0.3 * x, x) > 100 and snr(0.3 * x, x) == pytest.approx(-20 * np.log10(0.7), abs=1e-3)
+    assert si_sdr(0.3 * (x + noise), x) == pytest.approx(si_sdr(x + noise, x), abs=1e-6)
+    assert sdr(x + noise, x) == pytest.approx(20.0, abs=0.5)
+    one_silent_channel = x.copy()
+    one_silent_channel[1] = 0
+    assert np.isfinite(sdr(one_silent_channel + noise, one_silent_channel))
