@@ -282,3 +282,39 @@ def train_export(checkpoint, out) -> None:
 
     export(checkpoint, out)
     click.echo(f"{out}.safetensors, {out}.json")
+
+
+def default_reaper_resource_path() -> Path:
+    """Where REAPER keeps its resources (Options > Show REAPER resource path) on this system."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "REAPER"
+    if sys.platform.startswith("win"):
+        return Path(os.environ.get("APPDATA", Path.home())) / "REAPER"
+    return Path.home() / ".config" / "REAPER"
+
+
+@main.command("install-reaper")
+@click.option("--resource-path", type=click.Path(path_type=Path), default=None,
+              help="REAPER's resource folder [default: this system's usual one].")
+def install_reaper(resource_path) -> None:
+    """Copy the stemquery ReaScripts into REAPER's Scripts folder and say how to add them to the menus."""
+    import shutil
+    from importlib.resources import files
+
+    resource_path = resource_path or default_reaper_resource_path()
+    if not resource_path.is_dir():
+        raise click.ClickException(f"{resource_path}: no REAPER resource folder there; give it with --resource-path "
+                                   "(REAPER: Options > Show REAPER resource path in explorer/finder)")
+    target = resource_path / "Scripts" / "stemquery"
+    target.mkdir(parents=True, exist_ok=True)
+    scripts = [p for p in files("stemquery.reaper_scripts").iterdir() if p.name.endswith(".lua")]
+    for script in scripts:
+        shutil.copyfile(script, target / script.name)
+    actions = sorted(s.name for s in scripts if s.name != "stemquery_common.lua")
+    click.echo(f"Copied {len(scripts)} scripts to {target}")
+    click.echo("In REAPER: Actions > Show action list > New action > Load ReaScript..., select:")
+    for name in actions:
+        click.echo(f"  {target / name}")
+    click.echo("Then right-click the arrange view's item context menu: Customize menus/toolbars > "
+               "Media item context > Add > the stemquery actions.")
+    click.echo("Start the server first: stemquery serve")

@@ -136,14 +136,17 @@ class HotFolder:
             if path.name.endswith(JOB_SUFFIX):
                 if self._stable(path) or path.stat().st_size > 0 and self._parses(path):
                     self._take_job_file(path)
-            elif path.name.endswith(".cancel"):
-                self.server.cancel(path.name[: -len(".cancel")])
-                path.unlink(missing_ok=True)
             elif match := PAIR.match(path.name):
                 pairs.setdefault(match["name"], {})[match["role"]] = path
         for name, pair in pairs.items():
             if len(pair) == 2 and all(self._stable(p) for p in pair.values()):
                 self._take_pair(name, pair["mix"], pair["query"])
+        # Cancels after jobs: a job and its cancel can arrive in the same scan.
+        for path in inbox.glob("*.cancel"):
+            job = path.name[: -len(".cancel")]
+            if self.server.journal.exists(job):
+                self.server.cancel(job)
+                path.unlink(missing_ok=True)
         for job_dir in self.folder("processing").iterdir():
             if (job_dir / "cancel").exists():
                 self.server.cancel(job_dir.name)

@@ -34,6 +34,10 @@ class SeparationRequest:
     container: str = "wav"
     #: None: 32-bit float for WAV, 24-bit for FLAC.
     bit_depth: int | None = None
+    #: (start, length) seconds of the mix file to use (a DAW item's audible part); None: the whole file.
+    mix_window: tuple[float, float] | None = None
+    #: One (start, length) or None per query file.
+    query_windows: list[tuple[float, float] | None] = field(default_factory=list)
 
     @property
     def output_format(self) -> OutputFormat:
@@ -64,6 +68,18 @@ def check_limits(path: Path, limits: Limits) -> None:
                                   "trim the file or raise --max-duration")
 
 
+def cut_window(audio, rate: int, window: tuple[float, float] | None, path: Path):
+    """The (start, length) seconds window of a (channels, samples) array, checked against the file's length."""
+    if window is None:
+        return audio
+    start, length = window
+    first, count = int(round(start * rate)), int(round(length * rate))
+    if start < 0 or count <= 0 or first + count > audio.shape[1] + 1:
+        raise AudioInputError(f"{path}: window {start:g}+{length:g} s is outside the file "
+                              f"({audio.shape[1] / rate:.3f} s); the item may loop or extend past its source")
+    return audio[:, first: first + count]
+
+
 def run_separation(
     separator: Separator,
     request: SeparationRequest,
@@ -76,9 +92,12 @@ def run_separation(
     for path in [request.mix, *request.queries]:
         check_limits(Path(path), limits)
     mix, rate = read_audio(request.mix)
+    mix = cut_window(mix, rate, request.mix_window, request.mix)
     queries = []
-    for path in request.queries:
+    windows = request.query_windows or [None] * len(request.queries)
+    for path, window in zip(request.queries, windows):
         clip, clip_rate = read_audio(path)
+        clip = cut_window(clip, clip_rate, window, path)
         if clip_rate != rate:
             raise QueryError(f"{path}: query is at {clip_rate} Hz but the mix {request.mix} is at {rate} Hz; "
                              f"resample the query to {rate} Hz")

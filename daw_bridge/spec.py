@@ -49,11 +49,24 @@ def _flag(value) -> bool:
     return bool(value)
 
 
+def _window(value, key: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        start, length = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{key} must be [start, length] in seconds") from None
+    if start < 0 or length <= 0:
+        raise SpecError(f"{key} {value}: start must be ≥ 0 and length > 0")
+    return [start, length]
+
+
 def validate_spec(raw: dict) -> dict:
     """Check types and values (not paths); return a normalised copy."""
     if not isinstance(raw, dict):
         raise SpecError("a job must be a JSON object")
-    known = {"mix", "query", "query_ranges", "out_dir", "engine", "format", "bit_depth", "refine", "steps"}
+    known = {"mix", "query", "query_ranges", "out_dir", "engine", "format", "bit_depth", "refine", "steps",
+             "mix_window", "query_windows"}
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -71,11 +84,17 @@ def validate_spec(raw: dict) -> dict:
         ranges = [(float(a), float(b)) for a, b in ranges]
     except (TypeError, ValueError):
         raise SpecError("query_ranges must be a list of [start, end] seconds") from None
+    mix_window = _window(raw.get("mix_window"), "mix_window")
+    query_windows = raw.get("query_windows") or [None] * len(queries)
+    if not isinstance(query_windows, list) or len(query_windows) != len(queries):
+        raise SpecError("query_windows must be a list with one [start, length] (or null) per query")
+    query_windows = [_window(w, "query_windows") for w in query_windows]
     if not queries and not ranges:
         raise SpecError("give a query file or a query range (query_start/query_end) of the mix")
     spec = {"mix": raw["mix"], "query": queries, "query_ranges": [list(r) for r in ranges],
             "out_dir": raw.get("out_dir") or None, "engine": raw.get("engine") or None,
-            "format": str(raw.get("format") or "wav").lower(), "refine": _flag(raw.get("refine", False))}
+            "format": str(raw.get("format") or "wav").lower(), "refine": _flag(raw.get("refine", False)),
+            "mix_window": mix_window, "query_windows": query_windows}
     spec["bit_depth"] = _number(raw, "bit_depth", int) if raw.get("bit_depth") is not None else None
     spec["steps"] = _number(raw, "steps", int) if raw.get("steps") is not None else None
     if spec["out_dir"] is not None and not isinstance(spec["out_dir"], str):
@@ -111,4 +130,6 @@ def request_from_spec(spec: dict, *, default_engine: str = "nmf") -> SeparationR
         engine=spec.get("engine") or default_engine,
         container=spec["format"],
         bit_depth=spec.get("bit_depth"),
+        mix_window=tuple(spec["mix_window"]) if spec.get("mix_window") else None,
+        query_windows=[tuple(w) if w else None for w in spec.get("query_windows") or []],
     )

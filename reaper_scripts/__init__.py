@@ -1,0 +1,1 @@
+"""The REAPER ReaScripts (Lua), shipped as package data for `stemquery install-reaper`."""
