@@ -1,0 +1,164 @@
+"""Speed and memory of every stemquery engine beside HTDemucs, in one run on one machine.
+
+    python benchmarks/speed.py [--lengths 10 60 600] [--runs 3] [--threads 2] [--out docs/performance.json]
+
+Each (system, length) is measured in a fresh subprocess: load, one warm-up on 2 s (not timed), then `--runs`
+timed separations of stereo 44.1 kHz noise-like music of that length; the median wall time is reported, with
+the real-time factor (wall / audio seconds) and the process's peak RSS. Ratios are to HTDemucs at the same
+length: absolute times on a shared machine drift, ratios measured in one run hold.
+
+Peers: HTDemucs from the `demucs` package (4.1.0 imports without torchaudio) with RANDOM weights, since its
+weights cannot be downloaded here; speed does not depend on the weights' values. Open-Unmix is left out: the
+`openunmix` package imports torchaudio at import time, and torchaudio has no build for torch 2.13 on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+RATE = 44100
+SYSTEMS = ["nmf", "bsmamba", "htdemucs"]
+WEIGHTS_NOTE = "HTDemucs: random weights (speed does not depend on weight values); Open-Unmix: not measured " \
+               "(openunmix imports torchaudio, which has no build for torch 2.13 CPU)"
+
+
+def test_signal(seconds: float, seed: int = 0):
+    """Harmonic tones with noise bursts: a stand-in for music (speed does not depend on the content)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    t = np.arange(n) / RATE
+    tones = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate(rng.uniform(80, 2000, 6), 1))
+    noise = rng.standard_normal(n) * (np.sin(2 * np.pi * 2 * t) > 0.5)
+    mono = (0.2 * tones + 0.05 * noise).astype(np.float32)
+    return np.stack([mono, 0.8 * mono]), np.stack([mono[: 4 * RATE]] * 2)
+
+
+def make_runner(system: str):
+    """A function mix → target for `system`, with everything loaded (the warm part)."""
+    import torch
+
+    if system == "htdemucs":
+        from demucs.apply import apply_model
+        from demucs.htdemucs import HTDemucs
+
+        model = HTDemucs(sources=["drums", "bass", "other", "vocals"]).eval()
+
+        def run(mix, query):
+            with torch.inference_mode():
+                return apply_model(model, torch.from_numpy(mix)[None], split=True, overlap=0.25)[0]
+
+        return run, "random weights"
+    from stemquery.model import Separator
+
+    note = ""
+    if system == "bsmamba":
+        from stemquery.model.engines.bsmamba import BSMambaEngine
+
+        if BSMambaEngine.unavailable_reason():
+            # Before weights ship: the default architecture with random weights (same speed).
+            import tempfile
+
+            from stemquery.model.bsmamba import BSMamba
+            from stemquery.model.engines.bsmamba import save_weights
+            from stemquery.model.train import TrainConfig
+
+            path = Path(tempfile.mkdtemp()) / "random"
+            save_weights(BSMamba(TrainConfig.load(Path("model/configs/bsmamba.toml")).model), path)
+            separator, note = Separator("bsmamba", device="cpu", weights=path), "random weights"
+        else:
+            separator, note = Separator("bsmamba", device="cpu"), "shipped weights"
+    else:
+        separator = Separator(system, device="cpu")
+
+    def run(mix, query):
+        return separator.separate(mix, RATE, [query]).target
+
+    return run, note
+
+
+def measure(system: str, seconds: float, runs: int) -> dict:
+    """Runs inside the child process."""
+    mix, query = test_signal(seconds)
+    run, note = make_runner(system)
+    run(*test_signal(2.0, seed=1))  # warm-up, not timed
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run(mix, query)
+        times.append(time.perf_counter() - started)
+    wall = statistics.median(times)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"system": system, "seconds": seconds, "runs": runs, "wall_s": wall, "rtf": wall / seconds,
+            "peak_rss_mb": peak_mb, "times": times, "note": note}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args.child, args.length, args.runs)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=float, nargs="+", default=[10, 60, 600])
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/performance.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    rows = []
+    for seconds in args.lengths:
+        for system in args.systems:
+            result = subprocess.run([sys.executable, __file__, "--child", system, "--length", str(seconds),
+                                     "--runs", str(args.runs), "--threads", str(args.threads)],
+                                    capture_output=True, text=True, env=env)
+            if result.returncode != 0:
+                print(f"{system} at {seconds:g} s failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            row = rows[-1]
+            print(f"{system:>9} {seconds:6.0f} s  wall {row['wall_s']:8.2f} s  RTF {row['rtf']:.4f}  "
+                  f"peak RSS {row['peak_rss_mb']:7.0f} MB  ({row['note'] or 'n/a'})", flush=True)
+    reference = {r["seconds"]: r["rtf"] for r in rows if r["system"] == "htdemucs"}
+    for row in rows:
+        row["speedup_vs_htdemucs"] = reference[row["seconds"]] / row["rtf"] if row["seconds"] in reference else None
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "threads": args.threads, "torch_threads_env": env["OMP_NUM_THREADS"],
+              "note": WEIGHTS_NOTE, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print()
+    print(markdown_table(report))
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| system | audio | wall (median) | RTF | × faster than HTDemucs | peak RSS |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        ratio = f"{r['speedup_vs_htdemucs']:.1f}×" if r["speedup_vs_htdemucs"] else "n/a"
+        lines.append(f"| {r['system']} | {r['seconds']:.0f} s | {r['wall_s']:.2f} s | {r['rtf']:.4f} | {ratio} | "
+                     f"{r['peak_rss_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
