@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -160,7 +161,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -182,12 +183,26 @@ class Trainer:
                 **{f"si_sdr_i_{k}": float(np.mean(v)) for k, v in gains.items()}}
 
     def run(self) -> None:
+        """Train until max_steps, `minutes`, or SIGTERM/SIGINT (then the checkpoint is written first)."""
+        started = time.monotonic()
+        log_file = (self.config.run_dir / "log.jsonl").open("a")
+        stop: list[bool] = []
+        previous = {signum: signal.signal(signum, lambda *_: stop.append(True))
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop(started, log_file, stop)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.save()
+            log_file.close()
+        log.info("stopped at step %d after %.1f min", self.step, (time.monotonic() - started) / 60)
+
+    def _loop(self, started: float, log_file, stop: list[bool]) -> None:
         c = self.config
-        started = last_checkpoint = time.monotonic()
-        log_file = (c.run_dir / "log.jsonl").open("a")
-        losses = []
+        last_checkpoint, losses = started, []
         self.model.train()
-        while self.step < c.max_steps and (time.monotonic() - started) / 60 < c.minutes:
+        while not stop and self.step < c.max_steps and (time.monotonic() - started) / 60 < c.minutes:
             step_started = time.monotonic()
             losses.append(self.train_step())
             if self.step % c.log_every == 0:
@@ -206,9 +221,6 @@ class Trainer:
             if (time.monotonic() - last_checkpoint) / 60 >= c.checkpoint_minutes:
                 self.save()
                 last_checkpoint = time.monotonic()
-        self.save()
-        log_file.close()
-        log.info("stopped at step %d after %.1f min", self.step, (time.monotonic() - started) / 60)
 
 
 def export(checkpoint: Path, out: Path) -> None:

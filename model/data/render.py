@@ -215,7 +215,8 @@ class ShardRenderer:
             records.append({"file": f"stems/{part_file_name(position, part)}", "part": part.name,
                             "program": part.program, "family": family_of(part.program, part.is_drum),
                             "is_drum": part.is_drum, "timbre": timbre, "gain_db": gain_db, "wet": wet,
-                            "notes": len(part.notes)})
+                            # the score of this stem: pitch supervision for the refiner's VAE
+                            "notes": [[round(n.start, 4), round(n.end, 4), n.pitch, n.velocity] for n in part.notes]})
         mix = np.sum(stems, axis=0) if stems else np.zeros((2, samples), np.float32)
         # Stems and mix scaled together, so that neither the mix nor any stem clips.
         peak = max([np.abs(mix).max()] + [np.abs(s).max() for s in stems]) + 1e-9
