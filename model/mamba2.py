@@ -46,11 +46,23 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
+    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise causal conv1d (kernel d_conv) on (batch, length, channels), as d_conv shifted
+        multiply-adds: the same function as `self.conv1d` cut to causal length, and several times faster than
+        oneDNN's depthwise convolution on CPU, forwards and backwards."""
+        kernel = self.conv1d.weight.shape[-1]
+        padded = F.pad(x, (0, 0, kernel - 1, 0))
+        length = x.shape[1]
+        out = self.conv1d.bias + padded[:, :length] * self.conv1d.weight[:, 0, 0]
+        for k in range(1, kernel):
+            out = out + padded[:, k: k + length] * self.conv1d.weight[:, 0, k]
+        return out
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """(batch, length, d_model) → same shape, causal in `length`."""
         length = u.shape[1]
         z, xbc, dt = torch.split(self.in_proj(u), [self.d_inner, self.d_inner + 2 * self.d_state, self.nheads], -1)
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))
+        xbc = F.silu(self._causal_conv(xbc))
         x, B, C = torch.split(xbc, [self.d_inner, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(self.A_log.float())

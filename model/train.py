@@ -104,7 +104,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = BSMamba(config.model)
         self.stft = STFT(config.model.n_fft, config.model.hop)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # fused: one kernel for all ~500 parameter tensors (many small per-band ones) instead of a loop over them
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=True)
         self.step = 0
         self.curve: list[dict] = []
         self.rng = np.random.default_rng(config.seed)

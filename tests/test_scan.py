@@ -58,6 +58,13 @@ def test_mamba2_uses_mamba_ssm_parameter_names_and_shapes():
     torch.testing.assert_close(copy(u), layer(u))
 
 
+def test_shifted_conv_equals_conv1d():
+    layer = Mamba2(32, d_state=16, headdim=16)
+    x = torch.randn(3, 21, layer.conv1d.in_channels)
+    reference = layer.conv1d(x.transpose(1, 2))[..., :21].transpose(1, 2)
+    torch.testing.assert_close(layer._causal_conv(x), reference, rtol=1e-5, atol=1e-6)
+
+
 def test_mamba2_is_causal():
     layer = Mamba2(32, d_state=16, headdim=16, chunk=16).eval()
     u = torch.randn(1, 40, 32)
