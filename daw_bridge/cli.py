@@ -218,8 +218,11 @@ def evalset(corpus, out, cases, seed, segment, query_length) -> None:
               help="Write results.json and results.md here [default: EVAL_SET/results].")
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
 @click.option("--device", default="cpu", show_default=True)
-def evaluate_command(eval_set, engines, out, limit, device) -> None:
-    """Score engines on an eval set: SNR, SI-SDR, SDR and their improvement over the mix, and RTF."""
+@click.option("--recompute", is_flag=True, help="Ignore per-engine results cached under OUT/cache.")
+def evaluate_command(eval_set, engines, out, limit, device, recompute) -> None:
+    """Score engines on an eval set: SNR, SI-SDR, SDR and their improvement over the mix, and RTF.
+
+    Each engine's results are cached per configuration/weights, so after training only the new model runs."""
     import json as _json
 
     from tqdm import tqdm
@@ -232,13 +235,14 @@ def evaluate_command(eval_set, engines, out, limit, device) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
+    out = out or eval_set / "results"
     try:
-        result = evaluate(eval_set, list(engines), device=device, limit=limit, progress=progress)
+        result = evaluate(eval_set, list(engines), device=device, limit=limit, progress=progress,
+                          cache=None if recompute else out / "cache")
     except StemqueryError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         bar.close()
-    out = out or eval_set / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(_json.dumps(result, indent=1))
     report = markdown_report(result)

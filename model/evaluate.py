@@ -1,6 +1,6 @@
 """Eval sets and the `stemquery eval` harness: SNR, SI-SDR and SDR per case, beside honest baselines.
 
-Eval set format (docs/evaluation.md): SET/case_NNN/{mixture, query, target}.flac + meta.json.
+Eval set format (docs/data.md): SET/case_NNN/{mixture, query, target}.flac + meta.json.
 Every report carries, beside the engines asked for: `mix` (the unprocessed mixture: 0 dB improvement by
 definition), `nmf` (the classical baseline) and `irm` (the ideal ratio mask with the engines' STFT: the ceiling
 of a mask model).
@@ -123,36 +123,70 @@ def score(estimate: np.ndarray, case: Case) -> dict[str, float]:
     return values
 
 
+def engine_fingerprint(separator) -> str:
+    """What an engine's results depend on besides the case: its name and configuration or weights."""
+    import hashlib
+
+    engine = separator.engine
+    weights = getattr(engine, "weights_path", None)
+    if weights is not None:
+        identity = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    else:
+        identity = repr(getattr(engine, "config", ""))
+    return hashlib.sha256(f"{engine.name}:{identity}".encode()).hexdigest()[:16]
+
+
+def _estimate(name: str, case: Case, separators: dict) -> np.ndarray:
+    if name == "mix":
+        return case.mixture
+    if name == "irm":
+        return irm_oracle(case.mixture, case.target)
+    return separators[name].separate(case.mixture, case.sample_rate, [case.query]).target
+
+
 def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run every engine (and the baselines) on every case; return per-case rows and summaries."""
+             progress: Callable[[int, int], None] | None = None, cache: Path | None = None) -> dict:
+    """Run every engine (and the baselines) on every case; return per-case rows and summaries.
+
+    With `cache`, each engine's per-case rows and times are kept in CACHE/<engine>-<fingerprint>.json and reused
+    for the same engine configuration or weights (a re-evaluation after training then scores only the new model).
+    """
     from stemquery.model.api import Separator
 
     names = list(dict.fromkeys([*BASELINES, *engines]))
     separators = {n: Separator(n, device=device) for n in names if n not in ("mix", "irm")}
+    fingerprints = {n: engine_fingerprint(separators[n]) if n in separators else "v1" for n in names}
+    stored: dict[str, dict] = {}
+    if cache:
+        for name in names:
+            path = cache / f"{name}-{fingerprints[name]}.json"
+            stored[name] = json.loads(path.read_text()) if path.exists() else {}
     folders = case_folders(root)[:limit]
-    rows = []
-    seconds = {n: 0.0 for n in names}
-    audio_seconds = 0.0
+    rows, seconds, audio_seconds = [], {n: 0.0 for n in names}, 0.0
     for index, folder in enumerate(folders):
         case = read_case(folder)
         audio_seconds += case.mixture.shape[1] / case.sample_rate
         for name in names:
-            started = time.perf_counter()
-            if name == "mix":
-                estimate = case.mixture
-            elif name == "irm":
-                estimate = irm_oracle(case.mixture, case.target)
+            if case.name in stored.get(name, {}):
+                row, took = stored[name][case.name]
             else:
-                estimate = separators[name].separate(case.mixture, case.sample_rate, [case.query]).target
-            seconds[name] += time.perf_counter() - started
-            rows.append({"case": case.name, "engine": name, "protocol": case.meta.get("protocol", ""),
-                         "family": case.meta.get("family", ""), **score(estimate, case)})
+                started = time.perf_counter()
+                estimate = _estimate(name, case, separators)
+                took = time.perf_counter() - started
+                row = {"case": case.name, "engine": name, "protocol": case.meta.get("protocol", ""),
+                       "family": case.meta.get("family", ""), **score(estimate, case)}
+                stored.setdefault(name, {})[case.name] = (row, took)
+            seconds[name] += took
+            rows.append(row)
         if progress:
             progress(index + 1, len(folders))
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (cache / f"{name}-{fingerprints[name]}.json").write_text(json.dumps(stored[name]))
     rtf = {n: (seconds[n] / audio_seconds if audio_seconds else 0.0) for n in names}
     return {"set": str(root), "cases": len(folders), "engines": names, "rtf": rtf, "rows": rows,
-            "summary": summarise(rows, names)}
+            "fingerprints": fingerprints, "summary": summarise(rows, names)}
 
 
 def summarise(rows: list[dict], engines: list[str]) -> dict:

@@ -126,7 +126,10 @@ def test_sampler_triples_and_eval_harness(tmp_path, midi_cache):
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["case_000", "case_001", "case_002"]
     meta = json.loads((tmp_path / "e" / "case_000" / "meta.json").read_text())
     assert meta["protocol"] == "same_stem" and meta["family"]
-    result = evaluate(tmp_path / "e", [])
+    result = evaluate(tmp_path / "e", [], cache=tmp_path / "cache")
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["irm", "mix", "nmf"]
+    again = evaluate(tmp_path / "e", [], cache=tmp_path / "cache")
+    assert again["rows"] == result["rows"] and again["rtf"] == result["rtf"]  # reused, not recomputed
     overall = result["summary"]["overall"]
     assert overall["mix"]["si_sdr_i_mean"] == 0.0 and overall["mix"]["n"] == 3
     assert overall["irm"]["si_sdr_i_mean"] > overall["nmf"]["si_sdr_i_mean"]

@@ -59,6 +59,7 @@ class BSMambaEngine(Engine):
         if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".json").exists():
             raise StemqueryError(f"engine bsmamba: weights {path.with_suffix('.safetensors')} (and its .json) "
                                  "not found; train them with `stemquery train separator` or use --engine nmf")
+        self.weights_path = path.with_suffix(".safetensors")
         self.model = load_model(path, device)
         self.stft = STFT(self.model.config.n_fft, self.model.config.hop)
         self.sample_rate = self.model.config.sample_rate
