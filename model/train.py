@@ -87,9 +87,10 @@ def separation_loss(estimate_spec: torch.Tensor, target: torch.Tensor, mixture: 
                     stft: STFT) -> torch.Tensor:
     estimate = stft.inverse(estimate_spec, target.shape[-1])
     target_spec = stft.forward(target)
-    # The floor: 1e-3 of the mixture's own norm, so an absent target is learned as "output silence".
-    wave_floor = 1e-3 * mixture.abs().flatten(1).sum(-1)
-    spec_floor = 1e-3 * stft.forward(mixture).abs().flatten(1).sum(-1)
+    # The floor: 1e-3 of the mixture's own norm, so an absent target is learned as "output silence"; plus a
+    # tiny absolute term, so a silent example gives a finite loss (0 dB) instead of 0/0.
+    wave_floor = 1e-3 * mixture.abs().flatten(1).sum(-1) + 1e-6
+    spec_floor = 1e-3 * stft.forward(mixture).abs().flatten(1).sum(-1) + 1e-6
     wave = l1_snr(estimate, target, wave_floor)
     spec = l1_snr(torch.view_as_real(estimate_spec), torch.view_as_real(target_spec), spec_floor)
     return (wave + spec).mean()
@@ -120,7 +121,12 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------------------------------
     def save(self, path: Path | None = None) -> Path:
+        """Write the checkpoint (the previous one is kept as last.prev.pt). Refuses non-finite weights."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise RuntimeError(f"step {self.step}: the weights are not finite; not overwriting the checkpoint")
         path = path or self.config.run_dir / "last.pt"
+        if path.exists():
+            path.replace(path.with_suffix(".prev.pt"))
         tmp = path.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                     "curve": self.curve, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
@@ -159,10 +165,16 @@ class Trainer:
             estimate = self.model(self.stft.forward(mixture), embedding)
         loss = separation_loss(estimate.to(torch.complex64), target, mixture, self.stft)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
         self.step += 1
+        if not torch.isfinite(loss):
+            log.warning("step %d: non-finite loss, batch skipped", self.step)
+            return float("nan")
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if not torch.isfinite(norm):
+            log.warning("step %d: non-finite gradient, update skipped", self.step)
+            return float("nan")
+        self.optimizer.step()
         return float(loss.detach())
 
     @torch.no_grad()
@@ -208,11 +220,12 @@ class Trainer:
             step_started = time.monotonic()
             losses.append(self.train_step())
             if self.step % c.log_every == 0:
-                record = {"step": self.step, "loss": float(np.mean(losses)), "lr": self.learning_rate(),
+                record = {"step": self.step, "loss": float(np.nanmean(losses)) if not np.isnan(losses).all() else None,
+                          "skipped": int(np.isnan(losses).sum()), "lr": self.learning_rate(),
                           "step_s": time.monotonic() - step_started, "time": time.time()}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                log.info("step %d loss %.3f", self.step, record["loss"])
+                log.info("step %d loss %s", self.step, record["loss"])
                 losses = []
             if self.step % c.validate_every == 0 and c.val_set.exists():
                 result = self.validate()

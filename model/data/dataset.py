@@ -173,6 +173,8 @@ class TripleSampler:
         if query is None:
             return None
         if absent:  # the query's instrument does not play in this mixture
+            if not any(np.any(r) for r in rest):
+                return None  # nothing else plays either: a silent mixture teaches nothing
             target_audio = np.zeros_like(target_audio)
         mixture = target_audio + np.sum(rest, axis=0)
         peak = max(np.abs(mixture).max(), np.abs(query).max(), 1e-6)
