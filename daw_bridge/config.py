@@ -5,6 +5,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from stemquery.model.api import DEFAULT_ENGINE
 from stemquery.model.errors import StemqueryError
 
 DEFAULT_OSC_PORT = 9130
@@ -20,7 +21,7 @@ class ServerConfig:
     #: Folders OSC and hot-folder jobs may read from and write to, besides the hot folders themselves.
     allow_roots: tuple[Path, ...] = ()
     device: str = "auto"
-    engine: str = "nmf"
+    engine: str = DEFAULT_ENGINE
     max_duration_s: float = 20 * 60.0
     max_file_mb: float = 1024.0
     #: Use watchdog's PollingObserver (network shares, some mounted volumes give no file events).

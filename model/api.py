@@ -20,7 +20,7 @@ import torch
 from stemquery.model.audio import check_audio, fit_length, resample
 from stemquery.model.engines import engine_class, engine_infos
 from stemquery.model.engines.base import EngineInfo, ProgressCallback
-from stemquery.model.errors import AudioInputError, QueryError
+from stemquery.model.errors import AudioInputError, QueryError, StemqueryError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AudioInputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise StemqueryError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     return device
 
 
