@@ -9,6 +9,8 @@ import pytest
 import soundfile as sf
 
 from stemquery.model.data.dataset import TripleSampler, load_corpus
+from stemquery.model.data.hydrogen import DRUMKITS as HYDROGEN, HydrogenKit
+from stemquery.model.data.synth import Note, Part
 from stemquery.model.data.render import EXTRA_KITS, SOUNDFONTS, RenderConfig, render_dataset
 from stemquery.model.data.splits import held_out, split_of
 from stemquery.model.evaluate import build_evalset, evaluate, si_sdr, sdr, snr
@@ -105,6 +107,8 @@ def test_splits_are_disjoint_and_reserved_timbres_never_train():
     assert not training & reserved and {p.name for p in SOUNDFONTS["test"]} == reserved
     kits = " ".join(str(k[0]) for split in ("train", "val") for k in EXTRA_KITS[split])
     assert not any(name in kits for name in ("ForzeeStereo", "BJA_Pacific", "rumpf", "TimGM6mb", "sf_GMbank"))
+    test_kits = {Path(k[0]).parent.name for k in EXTRA_KITS["test"]}
+    assert test_kits <= {"ForzeeStereo", "BJA_Pacific", "rumpf_kit_z01_h2"}
 
 
 @needs_fluidsynth
@@ -134,6 +138,16 @@ def test_sampler_triples_and_eval_harness(tmp_path, midi_cache):
     assert overall["mix"]["si_sdr_i_mean"] == 0.0 and overall["mix"]["n"] == 3
     assert overall["irm"]["si_sdr_i_mean"] > overall["nmf"]["si_sdr_i_mean"]
     assert set(result["rtf"]) == {"mix", "nmf", "irm"}
+
+
+@pytest.mark.skipif(not (HYDROGEN / "ForzeeStereo").is_dir(), reason="needs Debian's hydrogen-drumkits")
+def test_hydrogen_kit_plays_gm_drum_notes():
+    kit = HydrogenKit(HYDROGEN / "ForzeeStereo" / "drumkit.xml")
+    assert {35, 36, 38, 42, 46, 49, 51} <= set(kit.by_note)
+    part = Part("Drum", 0, [Note(0.5, 0.6, 36, 110), Note(1.5, 1.6, 38, 40)], is_drum=True)
+    audio = kit.render(part, 3 * 44100)
+    assert audio.shape == (2, 3 * 44100) and not np.any(audio[:, : 22050])  # silent before the first hit
+    assert np.abs(audio[:, 22050: 22050 + 4410]).max() > 0.05  # the kick at 0.5 s
 
 
 def test_metrics_on_known_signals():

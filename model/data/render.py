@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
+from stemquery.model.data.hydrogen import HydrogenKit, kit_paths
 from stemquery.model.data.instruments import assign_programs, family_of
 from stemquery.model.data.midi import read_midi
 from stemquery.model.data.mma import grooves_by_file, render_groove_midi
@@ -36,11 +37,23 @@ SOUNDFONTS = {
     "test": [SF2 / "TimGM6mb.sf2", SF2 / "sf_GMbank.sf2"],
 }
 SOUNDFONTS["val"] = SOUNDFONTS["train"]  # val: seen timbres, unseen music
-#: Drum kits (SoundFont, bank, preset) per split, besides the melodic SoundFonts' own kits.
+#: Hydrogen kits reserved for the test set, never trained or tuned on.
+RESERVED_HYDROGEN = ("ForzeeStereo", "BJA_Pacific", "rumpf_kit_z01_h2")
+#: Hydrogen kits without a kick, snare and hi-hat (hand percussion, djembes) cannot play a GM drum part.
+UNUSABLE_HYDROGEN = ("Gimme A Hand 1.0", "circAfrique v4")
+
+
+def _hydrogen(names=None, *, exclude=()) -> list[tuple[Path, int, int]]:
+    kits = [p for p in kit_paths() if p.parent.name not in exclude + UNUSABLE_HYDROGEN]
+    return [(p, 0, 0) for p in kits if names is None or p.parent.name in names]
+
+
+#: Drum kits (SoundFont or Hydrogen drumkit.xml, bank, preset) per split, besides the SoundFonts' own GM kits.
+AVLDRUMS = [(SF2 / "Black_Pearl_4_LV2.sf2", 0, 0), (SF2 / "Red_Zeppelin_4_LV2.sf2", 0, 0)]
 EXTRA_KITS = {
-    "train": [(SF2 / "Black_Pearl_4_LV2.sf2", 0, 0), (SF2 / "Red_Zeppelin_4_LV2.sf2", 0, 0)],
-    "val": [(SF2 / "Black_Pearl_4_LV2.sf2", 0, 0), (SF2 / "Red_Zeppelin_4_LV2.sf2", 0, 0)],
-    "test": [],
+    "train": AVLDRUMS + _hydrogen(exclude=RESERVED_HYDROGEN),
+    "val": AVLDRUMS + _hydrogen(exclude=RESERVED_HYDROGEN),
+    "test": _hydrogen(RESERVED_HYDROGEN),
 }
 GM_KIT_PRESETS = [0, 8, 16, 24, 25, 32, 40]
 SHARDS = 8
@@ -161,12 +174,14 @@ class ShardRenderer:
 
     def __init__(self, config: RenderConfig) -> None:
         self.config = config
-        self.synths: dict[str, SoundFontSynth] = {}
+        self.synths: dict[str, SoundFontSynth | HydrogenKit] = {}
 
-    def synth(self, soundfont: str) -> SoundFontSynth:
-        if soundfont not in self.synths:
-            self.synths[soundfont] = SoundFontSynth(soundfont, sample_rate=self.config.sample_rate)
-        return self.synths[soundfont]
+    def synth(self, timbre: str) -> SoundFontSynth | HydrogenKit:
+        """The renderer of a SoundFont, or of a Hydrogen kit (its drumkit.xml), loaded once per shard."""
+        if timbre not in self.synths:
+            kind = HydrogenKit if timbre.endswith("drumkit.xml") else SoundFontSynth
+            self.synths[timbre] = kind(timbre, sample_rate=self.config.sample_rate)
+        return self.synths[timbre]
 
     def close(self) -> None:
         for synth in self.synths.values():
@@ -201,7 +216,8 @@ class ShardRenderer:
             if part.is_drum:
                 kit_sf, bank, preset = plan.kit
                 audio = self.synth(kit_sf).render(part, samples, bank=bank, preset=preset)
-                timbre = f"{Path(kit_sf).name}:{bank}:{preset}"
+                kit = Path(kit_sf)
+                timbre = f"hydrogen:{kit.parent.name}" if kit.name == "drumkit.xml" else f"{kit.name}:{bank}:{preset}"
             else:
                 audio = self.synth(plan.soundfont).render(part, samples)
                 timbre = Path(plan.soundfont).name
