@@ -58,6 +58,18 @@ class MaskEstimator(nn.Module):
                           nn.Linear(hidden_factor * dim, 2 * 2 * channels * (stop - start)), nn.GLU(dim=-1))
             for start, stop in bands
         )
+        for layer in self.layers:
+            self._start_as_identity(layer[3])
+
+    @staticmethod
+    def _start_as_identity(linear: nn.Linear) -> None:
+        """Start near mask = 1 + 0j (the estimate is the mix): SI-SDR improvement 0, not a random mask."""
+        half = linear.out_features // 2
+        with torch.no_grad():
+            linear.weight.mul_(0.1)
+            value = linear.bias[:half].view(-1, 2)  # (c·f, z): z = 0 real, 1 imaginary
+            value[:, 0], value[:, 1] = 1.0, 0.0
+            linear.bias[half:] = 3.0  # GLU gate sigmoid(3) ≈ 0.95
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         masks = []

@@ -2,9 +2,8 @@
 
     stemquery train separator --config model/configs/bsmamba.toml [--resume runs/bsmamba/last.pt]
 
-Loss: L1-SNR (as Banquet) on the waveform plus L1-SNR on the complex spectrogram. It is scale-aware (a quiet
-target counts as much as a loud one), it does not explode on near-silent targets the way an SNR in dB does, and
-with its floor tied to the mixture it teaches silence when the queried instrument is absent.
+Loss: −SI-SDR on the waveform plus 0.5 × L1-SNR (as Banquet) on the complex spectrogram; for an absent target,
+the estimate's energy relative to the mixture (see `separation_loss` for why not L1-SNR alone).
 
 Logs: `RUN/log.jsonl` (a JSON object per logged step and per validation), checkpoints `RUN/last.pt` every
 `checkpoint_minutes` and at the end; `RUN/curve.json` holds the validation SI-SDR improvement by step.
@@ -83,17 +82,31 @@ def l1_snr(estimate: torch.Tensor, target: torch.Tensor, floor: torch.Tensor) ->
     return 10 * torch.log10((error + floor) / (reference + floor))
 
 
+def neg_si_sdr(estimate: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """−SI-SDR in dB per example, channels joined (lower is better)."""
+    estimate, target = estimate.flatten(1), target.flatten(1)
+    scale = (estimate * target).sum(-1, keepdim=True) / (target.pow(2).sum(-1, keepdim=True) + eps)
+    projection = scale * target
+    return -10 * torch.log10((projection.pow(2).sum(-1) + eps) / ((estimate - projection).pow(2).sum(-1) + eps))
+
+
 def separation_loss(estimate_spec: torch.Tensor, target: torch.Tensor, mixture: torch.Tensor,
                     stft: STFT) -> torch.Tensor:
+    """−SI-SDR, plus L1-SNR on the complex spectrogram for the level; for an absent target, the estimate's
+    energy relative to the mixture.
+
+    A loss made of level-aware terms alone (L1-SNR, SNR) has silence as an easy minimum at 0 dB, and the first
+    run (docs/results.md) fell into it: the mask went to zero. −SI-SDR punishes silence without bound, so the
+    model must correlate with the target; the spectral L1-SNR (weight 0.5) then sets the level.
+    """
     estimate = stft.inverse(estimate_spec, target.shape[-1])
-    target_spec = stft.forward(target)
-    # The floor: 1e-3 of the mixture's own norm, so an absent target is learned as "output silence"; plus a
-    # tiny absolute term, so a silent example gives a finite loss (0 dB) instead of 0/0.
-    wave_floor = 1e-3 * mixture.abs().flatten(1).sum(-1) + 1e-6
+    present = target.flatten(1).abs().sum(-1) > 0
     spec_floor = 1e-3 * stft.forward(mixture).abs().flatten(1).sum(-1) + 1e-6
-    wave = l1_snr(estimate, target, wave_floor)
-    spec = l1_snr(torch.view_as_real(estimate_spec), torch.view_as_real(target_spec), spec_floor)
-    return (wave + spec).mean()
+    level = l1_snr(torch.view_as_real(estimate_spec), torch.view_as_real(stft.forward(target)), spec_floor)
+    correlate = neg_si_sdr(estimate, target).clamp(max=50.0)
+    silence = 10 * torch.log10((estimate.pow(2).flatten(1).sum(-1) + 1e-8) /
+                               (mixture.pow(2).flatten(1).sum(-1) + 1e-8)).clamp(min=-30.0)
+    return torch.where(present, correlate + 0.5 * level, silence).mean()
 
 
 class Trainer:
