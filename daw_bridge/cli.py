@@ -7,13 +7,12 @@ import sys
 from importlib.metadata import version as package_version
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see stemquery.model)
+import click
 
-import click  # noqa: E402
-
-from stemquery.daw_bridge.jobs import SeparationRequest, run_separation  # noqa: E402
-from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines  # noqa: E402
-from stemquery.model.api import resolve_device  # noqa: E402
+# Importing stemquery.model sets OMP_WAIT_POLICY=PASSIVE before torch loads (2x faster on 2 cores).
+from stemquery.daw_bridge.jobs import SeparationRequest, run_separation
+from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines
+from stemquery.model.api import resolve_device
 
 VERSION = package_version("stemquery")
 

@@ -5,7 +5,6 @@ out of a handler: parsing, type checks and path checks all end in an error reply
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 import socketserver
@@ -112,7 +111,6 @@ class OscApi:
         self.server = server  # stemquery.daw_bridge.server.StemqueryServer
         self.channels: dict[str, tuple[str, ReplyChannel]] = {}  # job id → (req id, channel)
         self._lock = threading.Lock()
-        self._counter = itertools.count(1)
         self.handlers: dict[str, Callable[[list, ReplyChannel], None]] = {
             f"{PREFIX}/separate": self._separate,
             f"{PREFIX}/cancel": self._cancel,
