@@ -10,7 +10,9 @@ import soundfile as sf
 
 from stemquery.model.data.dataset import TripleSampler, load_corpus
 from stemquery.model.data.hydrogen import DRUMKITS as HYDROGEN, HydrogenKit
+from stemquery.model.data.instruments import assign_programs
 from stemquery.model.data.synth import Note, Part
+from stemquery.model.data.timidity import FREEPATS, TimiditySynth
 from stemquery.model.data.render import EXTRA_KITS, SOUNDFONTS, RenderConfig, render_dataset
 from stemquery.model.data.splits import held_out, split_of
 from stemquery.model.evaluate import build_evalset, evaluate, si_sdr, sdr, snr
@@ -148,6 +150,23 @@ def test_hydrogen_kit_plays_gm_drum_notes():
     audio = kit.render(part, 3 * 44100)
     assert audio.shape == (2, 3 * 44100) and not np.any(audio[:, : 22050])  # silent before the first hit
     assert np.abs(audio[:, 22050: 22050 + 4410]).max() > 0.05  # the kick at 0.5 s
+
+
+@pytest.mark.skipif(not FREEPATS.is_file(), reason="needs Debian's timidity and freepats")
+def test_freepats_renders_a_part_alone_at_its_notes_times():
+    synth = TimiditySynth(FREEPATS)
+    assert 73 in synth.programs and 3 not in synth.programs  # a flute; freepats has no honky-tonk piano
+    flute = Part("Flute", 73, [Note(0.5, 1.5, 72, 90), Note(2.0, 2.5, 74, 100)])
+    audio = synth.render(flute, 4 * 44100)
+    onset = np.flatnonzero(np.abs(audio[0]) > 1e-4)[0] / 44100
+    assert audio.shape == (2, 4 * 44100) and 0.5 <= onset < 0.51  # leading silence kept, note on time
+    assert not np.any(audio[:, int(3.6 * 44100):])  # real silence after the release
+    assert np.array_equal(audio, synth.render(flute, 4 * 44100))
+    with pytest.raises(ValueError, match="no patch for GM program 3"):
+        synth.render(Part("Piano", 3, flute.notes), 44100)
+    parts = [Part(f"p{i}", 0, [Note(0, 1, 60 + i)]) for i in range(20)]
+    assign_programs(parts, np.random.default_rng(0), keep_family=False, available=synth.programs)
+    assert {p.program for p in parts} <= synth.programs and len({p.program for p in parts}) == 20
 
 
 def test_metrics_on_known_signals():

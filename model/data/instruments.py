@@ -42,8 +42,9 @@ def register_of(part: Part) -> str:
     return "low" if median < 50 else "mid" if median < 67 else "high"
 
 
-def assign_programs(parts: list[Part], rng: np.random.Generator, *, keep_family: bool) -> None:
-    """Give each melodic part a distinct program, in place.
+def assign_programs(parts: list[Part], rng: np.random.Generator, *, keep_family: bool,
+                    available: frozenset[int] = frozenset(range(128))) -> None:
+    """Give each melodic part a distinct program, in place, among the `available` ones of the synth.
 
     keep_family: the MIDI's own program is meaningful (MMA's bass is a bass): draw within its family.
     Otherwise (music21's scores mostly say "piano"), draw from the part's register.
@@ -56,6 +57,7 @@ def assign_programs(parts: list[Part], rng: np.random.Generator, *, keep_family:
             candidates = list(FAMILIES[family_of(part.program)]) if family_of(part.program) != "other" else []
         else:
             candidates = REGISTER_PROGRAMS[register_of(part)]
-        free = [p for p in candidates if p not in used] or [p for p in range(96) if p not in used]
+        free = [p for p in candidates if p not in used and p in available] or \
+            [p for p in range(96) if p not in used and p in available]
         part.program = int(rng.choice(free))
         used.add(part.program)

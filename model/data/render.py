@@ -27,16 +27,19 @@ from stemquery.model.data.midi import read_midi
 from stemquery.model.data.mma import grooves_by_file, render_groove_midi
 from stemquery.model.data.splits import MMA, MUSIC21, split_of
 from stemquery.model.data.synth import TAIL_SECONDS, Part, SoundFontSynth
+from stemquery.model.data.timidity import FREEPATS, TimiditySynth
 
 log = logging.getLogger(__name__)
 
 SF2, SF3 = Path("/usr/share/sounds/sf2"), Path("/usr/share/sounds/sf3")
-#: Melodic timbres per split. The test set's SoundFonts are reserved: never used for training or tuning.
+#: Melodic timbres per split: SoundFonts (fluidsynth) and TiMidity configs of GUS patches (freepats). The test
+#: set's SoundFonts are reserved: never used for training or tuning. Val: seen timbres, unseen music (the three
+#: SoundFonts it was first rendered with; freepats joined training later and val keeps its documented render).
 SOUNDFONTS = {
-    "train": [SF2 / "FluidR3_GM.sf2", SF3 / "FluidR3Mono_GM.sf3", SF3 / "MuseScore_General.sf3"],
+    "train": [SF2 / "FluidR3_GM.sf2", SF3 / "FluidR3Mono_GM.sf3", SF3 / "MuseScore_General.sf3", FREEPATS],
+    "val": [SF2 / "FluidR3_GM.sf2", SF3 / "FluidR3Mono_GM.sf3", SF3 / "MuseScore_General.sf3"],
     "test": [SF2 / "TimGM6mb.sf2", SF2 / "sf_GMbank.sf2"],
 }
-SOUNDFONTS["val"] = SOUNDFONTS["train"]  # val: seen timbres, unseen music
 #: Hydrogen kits reserved for the test set, never trained or tuned on.
 RESERVED_HYDROGEN = ("ForzeeStereo", "BJA_Pacific", "rumpf_kit_z01_h2")
 #: Hydrogen kits without a kick, snare and hi-hat (hand percussion, djembes) cannot play a GM drum part.
@@ -110,12 +113,18 @@ def mma_pool(split: str) -> list[tuple[str, str]]:
             for groove in grooves]
 
 
+def _own_kits(timbre: str) -> list[tuple[str, int, int]]:
+    """The drum kits a melodic timbre brings: a SoundFont's GM kits, a TiMidity config's one drum set."""
+    presets = [0] if Path(timbre).suffix == ".cfg" else GM_KIT_PRESETS
+    return [(timbre, 128, preset) for preset in presets]
+
+
 def plan_tracks(config: RenderConfig) -> list[TrackPlan]:
     """Draw tracks until their total length reaches config.hours."""
     music = music21_pool(config.midi_cache, config.timbres)
     grooves = mma_pool(config.timbres)
     soundfonts = [str(p) for p in (config.soundfonts or SOUNDFONTS[config.timbres])]
-    kits = [(sf, 128, p) for sf in soundfonts for p in GM_KIT_PRESETS] + \
+    kits = [kit for sf in soundfonts for kit in _own_kits(sf)] + \
         [(str(sf), b, p) for sf, b, p in EXTRA_KITS[config.timbres] if config.soundfonts is None]
     if not music and not grooves:
         raise RuntimeError(f"no {config.timbres} music found (music21 cache: {config.midi_cache})")
@@ -174,13 +183,15 @@ class ShardRenderer:
 
     def __init__(self, config: RenderConfig) -> None:
         self.config = config
-        self.synths: dict[str, SoundFontSynth | HydrogenKit] = {}
+        self.synths: dict[str, SoundFontSynth | TimiditySynth | HydrogenKit] = {}
 
-    def synth(self, timbre: str) -> SoundFontSynth | HydrogenKit:
-        """The renderer of a SoundFont, or of a Hydrogen kit (its drumkit.xml), loaded once per shard."""
+    def synth(self, timbre: str) -> SoundFontSynth | TimiditySynth | HydrogenKit:
+        """The renderer of a SoundFont, a TiMidity config or a Hydrogen kit (its drumkit.xml), loaded once per
+        shard."""
         if timbre not in self.synths:
-            kind = HydrogenKit if timbre.endswith("drumkit.xml") else SoundFontSynth
-            self.synths[timbre] = kind(timbre, sample_rate=self.config.sample_rate)
+            kinds = {".xml": HydrogenKit, ".cfg": TimiditySynth}
+            self.synths[timbre] = kinds.get(Path(timbre).suffix, SoundFontSynth)(
+                timbre, sample_rate=self.config.sample_rate)
         return self.synths[timbre]
 
     def close(self) -> None:
@@ -199,7 +210,7 @@ class ShardRenderer:
         if len(parts) > MAX_STEMS:
             keep = sorted(rng.choice(len(parts), MAX_STEMS, replace=False))
             parts = [parts[i] for i in keep]
-        assign_programs(parts, rng, keep_family=plan.source == "mma")
+        assign_programs(parts, rng, keep_family=plan.source == "mma", available=self.synth(plan.soundfont).programs)
         return parts
 
     def render(self, plan: TrackPlan) -> dict:

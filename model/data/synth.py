@@ -53,6 +53,9 @@ def _write_float_function():
 class SoundFontSynth:
     """A SoundFont loaded once; `render(part, samples)` returns (2, samples) float32."""
 
+    #: General-MIDI SoundFonts have every melodic program.
+    programs: frozenset[int] = frozenset(range(128))
+
     def __init__(self, soundfont: str | Path, *, sample_rate: int = 44100, reverb: bool = False) -> None:
         import fluidsynth
 
