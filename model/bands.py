@@ -1,5 +1,5 @@
 """Musical band split: contiguous STFT bin ranges, narrow at low frequencies and wide at high ones (mel-spaced),
-per-band normalisation and projection in, and per-band complex mask estimation out."""
+per-band normalisation, level and projection in, and per-band complex mask estimation out."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,23 +27,29 @@ def musical_bands(bins: int, sample_rate: int, count: int, *, min_width: int = 2
 
 
 class BandSplit(nn.Module):
-    """(batch, channels, bins, frames) complex → (batch, bands, frames, dim): per band RMSNorm + Linear of
-    the real and imaginary parts of its bins in every channel."""
+    """(batch, channels, bins, frames) complex → (batch, bands, frames, dim): per band, RMSNorm of the real and
+    imaginary parts of its bins in every channel, joined by the band's level, then a Linear.
+
+    The norm removes each band's level, so without it the network would see every band's shape but not the spectral
+    envelope across bands, the first thing that tells one timbre from another. The level is in dB relative to the
+    clip's mean power (so a quieter input gives the same features), over 50, floored at -100 dB.
+    """
 
     def __init__(self, bands: list[tuple[int, int]], channels: int, dim: int) -> None:
         super().__init__()
         self.bands = bands
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.RMSNorm(2 * channels * (stop - start)), nn.Linear(2 * channels * (stop - start), dim))
-            for start, stop in bands
-        )
+        widths = [2 * channels * (stop - start) for start, stop in bands]
+        self.norms = nn.ModuleList(nn.RMSNorm(width) for width in widths)
+        self.projections = nn.ModuleList(nn.Linear(width + 1, dim) for width in widths)
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         features = torch.view_as_real(spec)  # (b, c, f, t, 2)
-        out = []
-        for (start, stop), layer in zip(self.bands, self.layers):
-            band = rearrange(features[:, :, start:stop], "b c f t z -> b t (c f z)")
-            out.append(layer(band))
+        bands = [rearrange(features[:, :, start:stop], "b c f t z -> b t (c f z)") for start, stop in self.bands]
+        power = torch.stack([band.float().pow(2).mean(-1) for band in bands], dim=1)  # (b, k, t)
+        reference = power.mean(dim=(1, 2), keepdim=True)
+        level = (10 * torch.log10((power + 1e-12) / (reference + 1e-12)) / 50).clamp(min=-2.0)
+        out = [projection(torch.cat([norm(band), level[:, index, :, None].to(band.dtype)], dim=-1))
+               for index, (band, norm, projection) in enumerate(zip(bands, self.norms, self.projections))]
         return torch.stack(out, dim=1)
 
 
