@@ -72,10 +72,10 @@ def make_runner(system: str):
 
             from stemquery.model.bsmamba import BSMamba
             from stemquery.model.engines.bsmamba import save_weights
-            from stemquery.model.train import TrainConfig
+            from stemquery.model.train import SeparatorTrainConfig
 
             path = Path(tempfile.mkdtemp()) / "random"
-            save_weights(BSMamba(TrainConfig.load(Path("model/configs/bsmamba.toml")).model), path)
+            save_weights(BSMamba(SeparatorTrainConfig.load(Path("model/configs/bsmamba.toml")).model), path)
             separator, note = Separator("bsmamba", device="cpu", weights=path), "random weights"
         else:
             separator, note = Separator("bsmamba", device="cpu"), "shipped weights"

@@ -13,6 +13,7 @@ import click
 from stemquery.daw_bridge.jobs import SeparationRequest, run_separation
 from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines
 from stemquery.model.api import resolve_device
+from stemquery.model.engines import engine_class
 
 VERSION = package_version("stemquery")
 
@@ -49,7 +50,11 @@ def main(verbose: int) -> None:
 @click.option("--bit-depth", type=click.Choice(["16", "24", "32"]), default=None,
               help="[default: 32 (float) for WAV, 24 for FLAC]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, device) -> None:
+@click.option("--refine/--no-refine", default=False, show_default=True,
+              help="Run the diffusion refiner after the separator (bsmamba engine).")
+@click.option("--steps", type=click.IntRange(1, 100), default=None,
+              help="Refiner diffusion steps [default: the refiner's own, 10].")
+def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, device, refine, steps) -> None:
     """Separate the sound the queries describe from MIX; write target and residual stems."""
     from tqdm import tqdm
 
@@ -61,6 +66,8 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
         engine=engine,
         container=container,
         bit_depth=int(bit_depth) if bit_depth else None,
+        refine=refine,
+        steps=steps,
     )
     bars: list[tqdm] = []  # created on the first report, so input errors print without a bar
 
@@ -74,7 +81,9 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
     try:
         from stemquery.model import Separator
 
-        separator = Separator(engine, device=resolve_device(device))
+        if refine and (reason := engine_class(engine).refine_unavailable_reason()):
+            raise StemqueryError(f"--refine: {reason}")
+        separator = Separator(engine, device=resolve_device(device), **request.engine_options)
         paths = run_separation(separator, request, progress=progress)
     except StemqueryError as exc:
         raise click.ClickException(str(exc)) from None
@@ -212,7 +221,9 @@ def evalset(corpus, out, cases, seed, segment, query_length) -> None:
 
 @main.command("eval")
 @click.argument("eval_set", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--engine", "engines", multiple=True, help="Engine(s) to score; mix, nmf and irm always are.")
+@click.option("--engine", "engines", multiple=True,
+              help="Engine(s) to score, NAME or NAME:key=value,... (e.g. bsmamba:refine=1,steps=5); mix, nmf and "
+                   "irm always are.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write results.json and results.md here [default: EVAL_SET/results].")
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
@@ -254,25 +265,53 @@ def train() -> None:
     """Train the learned engines (long jobs: run them in the background, they checkpoint and resume)."""
 
 
-@train.command("separator")
-@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--resume", type=click.Path(path_type=Path, exists=True), default=None,
-              help="A checkpoint (RUN/last.pt) to continue from.")
-@click.option("--minutes", type=float, default=None, help="Stop after this long (overrides the config).")
-def train_separator(config_file, resume, minutes) -> None:
-    """Train the band-split Mamba separator on a rendered corpus."""
+def _train_options(command):
+    command = click.option("--minutes", type=float, default=None,
+                           help="Stop after this long (overrides the config).")(command)
+    command = click.option("--resume", type=click.Path(path_type=Path, exists=True), default=None,
+                           help="A checkpoint (RUN/last.pt) to continue from.")(command)
+    return click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True),
+                        required=True)(command)
+
+
+def _run_training(trainer_class, config_class, config_file: Path, resume: Path | None, minutes: float | None) -> None:
     import dataclasses
 
-    from stemquery.model.train import Trainer, TrainConfig
-
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    config = TrainConfig.load(config_file)
+    config = config_class.load(config_file)
     if minutes is not None:
         config = dataclasses.replace(config, minutes=minutes)
-    trainer = Trainer(config)
+    trainer = trainer_class(config)
     if resume:
         trainer.resume(resume)
     trainer.run()
+
+
+@train.command("separator")
+@_train_options
+def train_separator(config_file, resume, minutes) -> None:
+    """Train the band-split Mamba separator on a rendered corpus."""
+    from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer
+
+    _run_training(SeparatorTrainer, SeparatorTrainConfig, config_file, resume, minutes)
+
+
+@train.command("vae")
+@_train_options
+def train_vae(config_file, resume, minutes) -> None:
+    """Train the refiner's timbre/pitch VAE on a rendered corpus's stems."""
+    from stemquery.model.train_refiner import VAETrainConfig, VAETrainer
+
+    _run_training(VAETrainer, VAETrainConfig, config_file, resume, minutes)
+
+
+@train.command("refiner")
+@_train_options
+def train_refiner(config_file, resume, minutes) -> None:
+    """Train the latent diffusion refiner over a trained VAE and separator."""
+    from stemquery.model.train_refiner import RefinerTrainConfig, RefinerTrainer
+
+    _run_training(RefinerTrainer, RefinerTrainConfig, config_file, resume, minutes)
 
 
 @train.command("export")

@@ -38,6 +38,16 @@ class SeparationRequest:
     mix_window: tuple[float, float] | None = None
     #: One (start, length) or None per query file.
     query_windows: list[tuple[float, float] | None] = field(default_factory=list)
+    #: Run the diffusion refiner after the separator (bsmamba only), with this many steps (None: its default).
+    refine: bool = False
+    steps: int | None = None
+
+    @property
+    def engine_options(self) -> dict:
+        """What the Separator is built with for this request (a refined engine is another warm instance)."""
+        if self.steps is not None and not self.refine:
+            raise QueryError("steps only applies with refine; add --refine (refine 1) or leave steps out")
+        return {"refine": True, "steps": self.steps} if self.refine else {}
 
     @property
     def output_format(self) -> OutputFormat:

@@ -104,8 +104,14 @@ def validate_spec(raw: dict) -> dict:
             raise SpecError("engine must be an engine name")
         engine_class(spec["engine"])  # unknown engine → clear error now, not when the job runs
     OutputFormat(spec["format"], spec["bit_depth"] or (32 if spec["format"] == "wav" else 24))
+    if spec["steps"] is not None and not 1 <= spec["steps"] <= 100:
+        raise SpecError(f"steps must be between 1 and 100, got {spec['steps']}")
+    if spec["steps"] is not None and not spec["refine"]:
+        raise SpecError("steps only applies with refine 1")
     if spec["refine"]:
-        raise SpecError("refine was asked for but no refiner is installed in this version; send refine 0")
+        reason = engine_class(spec["engine"] or "bsmamba").refine_unavailable_reason()
+        if reason:
+            raise SpecError(f"refine: {reason}")
     return spec
 
 
@@ -132,4 +138,6 @@ def request_from_spec(spec: dict, *, default_engine: str = "nmf") -> SeparationR
         bit_depth=spec.get("bit_depth"),
         mix_window=tuple(spec["mix_window"]) if spec.get("mix_window") else None,
         query_windows=[tuple(w) if w else None for w in spec.get("query_windows") or []],
+        refine=bool(spec.get("refine")),
+        steps=spec.get("steps"),
     )

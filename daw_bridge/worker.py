@@ -38,17 +38,19 @@ class SeparatorPool:
     def __init__(self, default_engine: str, device: str) -> None:
         self.device = device
         self.default_engine = default_engine
-        self._separators: dict[str, Separator] = {}
+        self._separators: dict[tuple, Separator] = {}
         self._lock = threading.Lock()
         started = time.perf_counter()
         self.get(default_engine)
         log.info("engine %s loaded in %.2f s", default_engine, time.perf_counter() - started)
 
-    def get(self, engine: str) -> Separator:
+    def get(self, engine: str, **options) -> Separator:
+        """The warm Separator for an engine run with these options (e.g. refine, steps), built on first use."""
+        key = (engine, *sorted(options.items()))
         with self._lock:
-            if engine not in self._separators:
-                self._separators[engine] = Separator(engine, device=self.device)
-            return self._separators[engine]
+            if key not in self._separators:
+                self._separators[key] = Separator(engine, device=self.device, **options)
+            return self._separators[key]
 
     @property
     def device_name(self) -> str:
@@ -129,7 +131,7 @@ class Worker(threading.Thread):
         started = time.perf_counter()
         try:
             request = request_from_spec(self.resolve_spec(job))
-            separator = self.pool.get(request.engine)
+            separator = self.pool.get(request.engine, **request.engine_options)
             paths = run_separation(separator, request, progress=progress, limits=self.limits)
         except _Interrupted as stop:
             if stop.requeue:

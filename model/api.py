@@ -139,7 +139,7 @@ class Separator:
             )
         target_np = fit_length(resample(target.numpy(), rate, sample_rate), mix_2d.shape[1])
         report(1.0, "done")
-        return Stems(target=target_np, residual=mix_2d - target_np, sample_rate=sample_rate, engine=self.engine.name)
+        return Stems(target=target_np, residual=mix_2d - target_np, sample_rate=sample_rate, engine=self.engine.label)
 
     def _query_clips(
         self,

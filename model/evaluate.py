@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from stemquery.model.errors import StemqueryError
 from stemquery.model.stft import STFT
 
 log = logging.getLogger(__name__)
@@ -123,17 +125,37 @@ def score(estimate: np.ndarray, case: Case) -> dict[str, float]:
     return values
 
 
+def parse_engine_spec(text: str) -> tuple[str, dict]:
+    """`NAME` or `NAME:key=value,key=value` (e.g. `bsmamba:refine=1,steps=5`) → (name, Separator options)."""
+    name, _, options = text.partition(":")
+    parsed = {}
+    for item in filter(None, options.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise StemqueryError(f"engine {text!r}: options are key=value pairs separated by commas, "
+                                 "e.g. bsmamba:refine=1,steps=5")
+        parsed[key] = int(value) if value.lstrip("-").isdigit() else value
+    if "refine" in parsed:
+        parsed["refine"] = bool(parsed["refine"])
+    return name, parsed
+
+
 def engine_fingerprint(separator) -> str:
-    """What an engine's results depend on besides the case: its name and configuration or weights."""
+    """What an engine's results depend on besides the case: how it runs (its label) and its configuration or
+    weights (the refiner's too)."""
     import hashlib
 
     engine = separator.engine
-    weights = getattr(engine, "weights_path", None)
-    if weights is not None:
-        identity = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    files = [getattr(engine, attribute, None) for attribute in ("weights_path", "refiner_path")]
+    if any(files):
+        identity = ":".join(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if f)
     else:
         identity = repr(getattr(engine, "config", ""))
-    return hashlib.sha256(f"{engine.name}:{identity}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{engine.label}:{identity}".encode()).hexdigest()[:16]
+
+
+def _file_name(engine_spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", engine_spec)
 
 
 def _estimate(name: str, case: Case, separators: dict) -> np.ndarray:
@@ -154,12 +176,16 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
     from stemquery.model.api import Separator
 
     names = list(dict.fromkeys([*BASELINES, *engines]))
-    separators = {n: Separator(n, device=device) for n in names if n not in ("mix", "irm")}
+    separators = {}
+    for name in names:
+        if name not in ("mix", "irm"):
+            engine, options = parse_engine_spec(name)
+            separators[name] = Separator(engine, device=device, **options)
     fingerprints = {n: engine_fingerprint(separators[n]) if n in separators else "v1" for n in names}
     stored: dict[str, dict] = {}
     if cache:
         for name in names:
-            path = cache / f"{name}-{fingerprints[name]}.json"
+            path = cache / f"{_file_name(name)}-{fingerprints[name]}.json"
             stored[name] = json.loads(path.read_text()) if path.exists() else {}
     folders = case_folders(root)[:limit]
     rows, seconds, audio_seconds = [], {n: 0.0 for n in names}, 0.0
@@ -183,7 +209,7 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
         for name in names:
-            (cache / f"{name}-{fingerprints[name]}.json").write_text(json.dumps(stored[name]))
+            (cache / f"{_file_name(name)}-{fingerprints[name]}.json").write_text(json.dumps(stored[name]))
     rtf = {n: (seconds[n] / audio_seconds if audio_seconds else 0.0) for n in names}
     return {"set": str(root), "cases": len(folders), "engines": names, "rtf": rtf, "rows": rows,
             "fingerprints": fingerprints, "summary": summarise(rows, names)}

@@ -1,4 +1,5 @@
-"""Training the separator on the rendered corpus, resumable across sessions.
+"""Training on the rendered corpus, resumable across sessions: the loop every trainer shares (`TrainingRun`) and
+the separator's trainer. The refiner's VAE and diffusion model train with the same loop (`train_refiner.py`).
 
     stemquery train separator --config model/configs/bsmamba.toml [--resume runs/bsmamba/last.pt]
 
@@ -15,7 +16,8 @@ import logging
 import signal
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +30,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    run_dir: Path = Path("runs/bsmamba")
-    train_corpus: Path = Path("data/train")
-    val_set: Path = Path("data/eval_val")
+class RunConfig:
+    """What every training run has: where it writes, its seed, optimiser schedule, logging and time budget."""
+
+    run_dir: Path = Path("runs/run")
     seed: int = 0
     batch: int = 4
-    segment_s: float = 3.0
-    query_s: float = 3.0
     lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup_steps: int = 200
@@ -47,32 +47,43 @@ class TrainConfig:
     grad_clip: float = 5.0
     log_every: int = 10
     validate_every: int = 250
-    val_cases: int = 24
     checkpoint_minutes: float = 5.0
-    protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
-    absent_target_p: float = 0.05
     bf16: bool = True
     threads: int = 2
-    model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
 
     @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
+    def load(cls, path: Path):
+        """A TOML file: this run's settings at the top level, nested model configs as tables."""
         data = tomllib.loads(Path(path).read_text())
-        model = BSMambaConfig(**data.pop("model", {}))
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        hints = typing.get_type_hints(cls)
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown training setting(s) {sorted(unknown)}")
-        for key in ("run_dir", "train_corpus", "val_set"):
-            if key in data:
-                data[key] = Path(data[key])
-        if "protocols" in data:
-            data["protocols"] = tuple(data["protocols"])
-        return cls(**data, model=model)
+        for name, value in data.items():
+            kind = hints[name]
+            if is_dataclass(kind):
+                data[name] = kind.from_dict(value)
+            elif kind is Path or kind == Path | None:
+                data[name] = Path(value)
+            elif typing.get_origin(kind) is tuple:
+                data[name] = tuple(value)
+        return cls(**data)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        return json.loads(json.dumps(out, default=str))
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+@dataclass(frozen=True)
+class SeparatorTrainConfig(RunConfig):
+    run_dir: Path = Path("runs/bsmamba")
+    train_corpus: Path = Path("data/train")
+    val_set: Path = Path("data/eval_val")
+    segment_s: float = 3.0
+    query_s: float = 3.0
+    val_cases: int = 24
+    protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
+    absent_target_p: float = 0.05
+    model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
 
 
 def l1_snr(estimate: torch.Tensor, target: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -109,28 +120,36 @@ def separation_loss(estimate_spec: torch.Tensor, target: torch.Tensor, mixture: 
     return torch.where(present, correlate + 0.5 * level, silence).mean()
 
 
-class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
-        from stemquery.model.data.dataset import TripleSampler, load_corpus
+class TrainingRun:
+    """The loop every trainer shares: learning-rate schedule, skipped non-finite steps, logs, periodic validation,
+    checkpoints (`RUN/last.pt`, the previous one kept as `last.prev.pt`), resume, and a clean stop on SIGTERM.
 
+    A subclass builds `self.model` (what the checkpoint holds) and says what it trains (`trainable`), how a step's
+    loss is computed (`loss`) and how it is validated (`validate`: a dict with "step" and its figures).
+    """
+
+    kind: str = ""
+
+    def __init__(self, config: RunConfig, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         self.config = config
-        torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
-        self.model = BSMamba(config.model)
-        self.stft = STFT(config.model.n_fft, config.model.hop)
-        # fused: one kernel for all ~500 parameter tensors (many small per-band ones) instead of a loop over them
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=True)
+        self.model = model
+        self.trainable = trainable
+        # fused: one kernel for all the (many, small, per-band) parameter tensors instead of a loop over them
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.step = 0
         self.curve: list[dict] = []
         self.rng = np.random.default_rng(config.seed)
-        tracks = load_corpus(config.train_corpus, config.model.sample_rate)
-        log.info("training corpus: %d tracks, %.1f stem-hours", len(tracks),
-                 sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
-        self.sampler = TripleSampler(tracks, sample_rate=config.model.sample_rate, segment_s=config.segment_s,
-                                     query_s=config.query_s, protocols=config.protocols,
-                                     absent_target_p=config.absent_target_p)
         config.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self) -> dict:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """What else a checkpoint must hold to rebuild the model on its own."""
+        return {}
 
     # -- state ----------------------------------------------------------------------------------------------------
     def save(self, path: Path | None = None) -> Path:
@@ -141,15 +160,17 @@ class Trainer:
         if path.exists():
             path.replace(path.with_suffix(".prev.pt"))
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "curve": self.curve, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "config": self.config.to_dict()}, tmp)
+        torch.save({"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "step": self.step, "curve": self.curve, "rng": self.rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "config": self.config.to_dict(), **self.extra_state()}, tmp)
         tmp.replace(path)
         (self.config.run_dir / "curve.json").write_text(json.dumps(self.curve, indent=1))
         return path
 
     def resume(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("kind", "separator") != self.kind:
+            raise ValueError(f"{path} is a {state.get('kind', 'separator')} checkpoint, not a {self.kind} one")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.curve = state["step"], state["curve"]
@@ -164,53 +185,26 @@ class Trainer:
             return c.lr * (self.step + 1) / c.warmup_steps
         return c.lr * 0.5 ** ((self.step - c.warmup_steps) / c.lr_half_life)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
-        stack = lambda name: torch.from_numpy(np.stack([getattr(t, name) for t in triples]))  # noqa: E731
-        return stack("mixture"), stack("target"), stack("query")
-
     def train_step(self) -> float:
-        mixture, target, query = self.batch()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            embedding = self.model.embed_queries([self.stft.forward(query)])
-            estimate = self.model(self.stft.forward(mixture), embedding)
-        loss = separation_loss(estimate.to(torch.complex64), target, mixture, self.stft)
+        loss = self.loss()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if not torch.isfinite(loss):
             log.warning("step %d: non-finite loss, batch skipped", self.step)
             return float("nan")
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         if not torch.isfinite(norm):
             log.warning("step %d: non-finite gradient, update skipped", self.step)
             return float("nan")
         self.optimizer.step()
         return float(loss.detach())
 
-    @torch.no_grad()
-    def validate(self) -> dict:
-        """Mean SI-SDR improvement on the first `val_cases` cases of the val eval set."""
-        from stemquery.model.evaluate import case_folders, read_case, si_sdr
-
-        self.model.eval()
-        gains = {}
-        for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
-            case = read_case(folder)
-            spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
-            embedding = self.model.embed_queries([self.stft.forward(torch.from_numpy(case.query))[None]])
-            estimate = self.stft.inverse(self.model(spec, embedding)[0], case.mixture.shape[1]).numpy()
-            gain = si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target)
-            gains.setdefault(case.meta.get("protocol", ""), []).append(gain)
-        self.model.train()
-        everything = [g for values in gains.values() for g in values]
-        return {"step": self.step, "si_sdr_i": float(np.mean(everything)),
-                **{f"si_sdr_i_{k}": float(np.mean(v)) for k, v in gains.items()}}
-
     def run(self) -> None:
         """Train until max_steps, `minutes`, or SIGTERM/SIGINT (then the checkpoint is written first)."""
+        torch.set_num_threads(self.config.threads)
         started = time.monotonic()
         log_file = (self.config.run_dir / "log.jsonl").open("a")
         stop: list[bool] = []
@@ -240,26 +234,95 @@ class Trainer:
                 log_file.flush()
                 log.info("step %d loss %s", self.step, record["loss"])
                 losses = []
-            if self.step % c.validate_every == 0 and c.val_set.exists():
-                result = self.validate()
-                self.curve.append(result)
-                log_file.write(json.dumps({"validation": result}) + "\n")
-                log_file.flush()
-                log.info("validation at step %d: SI-SDRi %.2f dB", self.step, result["si_sdr_i"])
+            if self.step % c.validate_every == 0:
+                self.model.eval()
+                with torch.no_grad():
+                    result = self.validate()
+                self.model.train()
+                if result:
+                    self.curve.append(result)
+                    log_file.write(json.dumps({"validation": result}) + "\n")
+                    log_file.flush()
+                    log.info("validation at step %d: %s", self.step,
+                             ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
             if (time.monotonic() - last_checkpoint) / 60 >= c.checkpoint_minutes:
                 self.save()
                 last_checkpoint = time.monotonic()
 
 
-def export(checkpoint: Path, out: Path) -> None:
-    """Write a checkpoint's model as shipped weights (safetensors + config JSON with its training provenance)."""
+class SeparatorTrainer(TrainingRun):
+    kind = "separator"
+
+    def __init__(self, config: SeparatorTrainConfig) -> None:
+        from stemquery.model.data.dataset import TripleSampler, load_corpus
+
+        torch.manual_seed(config.seed)
+        model = BSMamba(config.model)
+        super().__init__(config, model, list(model.parameters()))
+        self.stft = STFT(config.model.n_fft, config.model.hop)
+        tracks = load_corpus(config.train_corpus, config.model.sample_rate)
+        log.info("training corpus: %d tracks, %.1f stem-hours", len(tracks),
+                 sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
+        self.sampler = TripleSampler(tracks, sample_rate=config.model.sample_rate, segment_s=config.segment_s,
+                                     query_s=config.query_s, protocols=config.protocols,
+                                     absent_target_p=config.absent_target_p)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
+        stack = lambda name: torch.from_numpy(np.stack([getattr(t, name) for t in triples]))  # noqa: E731
+        return stack("mixture"), stack("target"), stack("query")
+
+    def loss(self) -> torch.Tensor:
+        mixture, target, query = self.batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            embedding = self.model.embed_queries([self.stft.forward(query)])
+            estimate = self.model(self.stft.forward(mixture), embedding)
+        return separation_loss(estimate.to(torch.complex64), target, mixture, self.stft)
+
+    def validate(self) -> dict:
+        """Mean SI-SDR improvement on the first `val_cases` cases of the val eval set, overall and per protocol."""
+        from stemquery.model.evaluate import case_folders, read_case, si_sdr
+
+        if not self.config.val_set.exists():
+            return {}
+        gains = {}
+        for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
+            case = read_case(folder)
+            spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
+            embedding = self.model.embed_queries([self.stft.forward(torch.from_numpy(case.query))[None]])
+            estimate = self.stft.inverse(self.model(spec, embedding)[0], case.mixture.shape[1]).numpy()
+            gain = si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target)
+            gains.setdefault(case.meta.get("protocol", ""), []).append(gain)
+        everything = [g for values in gains.values() for g in values]
+        return {"step": self.step, "si_sdr_i": float(np.mean(everything)),
+                **{f"si_sdr_i_{k}": float(np.mean(v)) for k, v in gains.items()}}
+
+
+def _export_separator(state: dict, out: Path, provenance: dict) -> None:
     from stemquery.model.engines.bsmamba import save_weights
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model_config = BSMambaConfig(**state["config"]["model"])
-    model = BSMamba(model_config)
+    model = BSMamba(BSMambaConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])
+    save_weights(model, out, extra=provenance)
+
+
+def _export_refiner(state: dict, out: Path, provenance: dict) -> None:
+    from stemquery.model.train_refiner import refiner_from_state, save_refiner
+
+    save_refiner(refiner_from_state(state), out, extra=provenance)
+
+
+EXPORTERS = {"separator": _export_separator, "refiner": _export_refiner}
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """Write a checkpoint's model as shipped weights (safetensors + config JSON with its training provenance)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    kind = state.get("kind", "separator")
+    if kind not in EXPORTERS:
+        raise ValueError(f"{checkpoint}: a {kind} checkpoint is not shipped on its own (the refiner's export holds "
+                         "its VAE); export a separator or refiner checkpoint")
     curve = state["curve"]
-    save_weights(model, out, extra={"step": state["step"], "validation": curve[-1] if curve else None,
-                                    "train_config": state["config"]})
+    EXPORTERS[kind](state, out, {"step": state["step"], "validation": curve[-1] if curve else None,
+                                 "train_config": state["config"]})
 

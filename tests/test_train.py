@@ -11,7 +11,15 @@ from conftest import tone_sequence
 from stemquery.model import Separator
 from stemquery.model.bsmamba import BSMambaConfig
 from stemquery.model.evaluate import build_evalset
-from stemquery.model.train import TrainConfig, Trainer, export
+from stemquery.model.data.dataset import load_corpus, piano_roll
+from stemquery.model.engines.bsmamba import save_weights
+from stemquery.model.bsmamba import BSMamba
+from stemquery.model.refiner import RefinerConfig
+from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, export
+from stemquery.model.train_refiner import (RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer,
+                                           load_refiner)
+from stemquery.model.vae import VAEConfig
+from test_refiner import TINY_REFINER, TINY_SEPARATOR, TINY_VAE
 
 RATE = 44100
 
@@ -25,11 +33,13 @@ def make_corpus(root: Path) -> Path:
         stems = []
         for position, (low, high, timbre, program) in enumerate([(40, 52, "saw", 33), (60, 72, "hollow", 73),
                                                                   (52, 64, "saw", 0)]):
-            audio = tone_sequence(rng.integers(low, high, 12), 0.5, harmonics=timbre)
+            pitches = rng.integers(low, high, 12)
+            audio = tone_sequence(pitches, 0.5, harmonics=timbre)
             name = f"stems/{position:02d}_part{position}.flac"
             sf.write(folder / name, np.stack([audio, audio * 0.9]).T, RATE, subtype="PCM_16")
+            notes = [[0.5 * i, 0.5 * (i + 1), int(pitch), 90] for i, pitch in enumerate(pitches)]
             stems.append({"file": name, "part": f"part{position}", "program": program, "family": "synthetic",
-                          "is_drum": False, "timbre": "synthetic.sf2", "notes": []})
+                          "is_drum": False, "timbre": "synthetic.sf2", "notes": notes})
         (folder / "meta.json").write_text(json.dumps({"track": folder.name, "stems": stems}))
     return root
 
@@ -37,16 +47,15 @@ def make_corpus(root: Path) -> Path:
 def test_train_checkpoint_resume_export(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     build_evalset(corpus, tmp_path / "val", cases=2, seed=0, segment_s=2.0, query_s=1.0, protocols=("same_stem",))
-    config = TrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "val", batch=2,
-                         segment_s=1.0, query_s=1.0, max_steps=3, validate_every=2, val_cases=2, log_every=1,
-                         warmup_steps=2, model=BSMambaConfig(dim=16, layers=1, bands=8, d_state=8, headdim=16,
-                                                              query_dim=16, chunk=16))
-    trainer = Trainer(config)
+    config = SeparatorTrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "val",
+                                  batch=2, segment_s=1.0, query_s=1.0, max_steps=3, validate_every=2, val_cases=2,
+                                  log_every=1, warmup_steps=2, model=BSMambaConfig(**TINY_SEPARATOR))
+    trainer = SeparatorTrainer(config)
     trainer.run()
     assert trainer.step == 3 and (tmp_path / "run" / "last.pt").exists()
     saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    resumed = Trainer(dataclasses.replace(config, max_steps=5))
+    resumed = SeparatorTrainer(dataclasses.replace(config, max_steps=5))
     resumed.resume(tmp_path / "run" / "last.pt")
     assert resumed.step == 3 and resumed.curve == trainer.curve and resumed.curve[0]["step"] == 2
     for key, value in resumed.model.state_dict().items():
@@ -65,3 +74,49 @@ def test_train_checkpoint_resume_export(tmp_path):
     stems = Separator("bsmamba", device="cpu", weights=tmp_path / "weights" / "model").separate(
         mix.T, RATE, [mix.T[:, :RATE]])
     assert stems.target.shape == mix.T.shape
+
+
+def test_piano_roll_marks_sounding_notes_per_frame():
+    notes = np.array([[0.0, 0.25, 60, 90], [0.5, 1.2, 64, 80], [3.0, 4.0, 70, 90]])
+    roll = piano_roll(notes, start_s=0.2, frames=10, frame_s=0.1)
+    assert roll.shape == (128, 10) and roll.sum() == roll[[60, 64]].sum()
+    assert roll[60].tolist() == [1] + [0] * 9  # 0.2-0.25 s
+    assert roll[64].tolist() == [0, 0, 0] + [1] * 7  # from 0.5 s on
+
+
+def test_vae_and_refiner_train_resume_and_export(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    assert load_corpus(corpus, RATE)[0].stems[0].notes.shape == (12, 4)
+    build_evalset(corpus, tmp_path / "val", cases=1, seed=0, segment_s=2.0, query_s=1.0, protocols=("same_stem",))
+    vae_config = VAETrainConfig(run_dir=tmp_path / "vae", train_corpus=corpus, val_corpus=corpus, batch=2,
+                                clip_s=1.0, max_steps=2, validate_every=2, val_pairs=2, log_every=1,
+                                model=VAEConfig(**TINY_VAE))
+    VAETrainer(vae_config).run()
+    curve = json.loads((tmp_path / "vae" / "curve.json").read_text())
+    assert curve[0]["step"] == 2 and all(np.isfinite(curve[0][k]) for k in ("reconstruction", "pitch", "contrastive"))
+
+    torch.manual_seed(0)
+    save_weights(BSMamba(BSMambaConfig(**TINY_SEPARATOR)), tmp_path / "sep" / "bsmamba-v1")
+    config = RefinerTrainConfig(run_dir=tmp_path / "refiner", train_corpus=corpus, val_set=tmp_path / "val",
+                                vae_checkpoint=tmp_path / "vae" / "last.pt",
+                                separator_weights=tmp_path / "sep" / "bsmamba-v1", batch=2, segment_s=1.0,
+                                query_s=1.0, max_steps=2, validate_every=2, val_cases=1, log_every=1,
+                                model=RefinerConfig(**TINY_REFINER))
+    trainer = RefinerTrainer(config)
+    vae_before = {k: v.clone() for k, v in trainer.model.vae.state_dict().items()}
+    trainer.run()
+    for key, value in trainer.model.vae.state_dict().items():
+        assert torch.equal(value, vae_before[key]), f"the VAE is frozen, but {key} changed"
+    resumed = RefinerTrainer(dataclasses.replace(config, max_steps=3))
+    resumed.resume(tmp_path / "refiner" / "last.pt")
+    resumed.run()
+    assert resumed.step == 3 and {"snr_separator", "snr_refined"} <= set(resumed.curve[0])
+
+    export(tmp_path / "refiner" / "last.pt", tmp_path / "weights" / "refiner-v1")
+    refiner = load_refiner(tmp_path / "weights" / "refiner-v1")
+    assert json.loads((tmp_path / "weights" / "refiner-v1.json").read_text())["step"] == 3
+    mix, _ = sf.read(corpus / "t000000" / "stems" / "00_part0.flac", dtype="float32")
+    stems = Separator("bsmamba", device="cpu", weights=tmp_path / "sep" / "bsmamba-v1", refine=True, steps=2,
+                      refiner_weights=tmp_path / "weights" / "refiner-v1").separate(mix.T, RATE, [mix.T[:, :RATE]])
+    assert stems.target.shape == mix.T.shape and stems.engine == "bsmamba-refined2"
+    assert refiner.config.steps == TINY_REFINER["steps"]

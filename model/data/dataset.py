@@ -37,6 +37,7 @@ class Stem:
     audio: np.ndarray  # int16 (channels, samples), memory-mapped
     active: np.ndarray  # bool per ACTIVITY_HOP_S frame
     energy: np.ndarray  # mean power per frame
+    notes: np.ndarray  # (n, 4) float: start s, end s, MIDI pitch, velocity (empty when the render has none)
 
     @property
     def key(self) -> tuple:
@@ -83,8 +84,9 @@ def load_corpus(root: Path, sample_rate: int) -> list[Track]:
         for index, record in enumerate(meta["stems"]):
             audio = np.load(cache / f"{index:02d}.npy", mmap_mode="r")
             active, energy = _activity(np.asarray(audio), hop)
+            notes = np.asarray(record.get("notes", []), dtype=np.float64).reshape(-1, 4)
             stems.append(Stem(track_dir.name, record["part"], record["program"], record["family"],
-                              record["is_drum"], record["timbre"], audio, active, energy))
+                              record["is_drum"], record["timbre"], audio, active, energy, notes))
         if len(stems) >= 2:
             tracks.append(Track(track_dir.name, stems, min(s.audio.shape[1] for s in stems)))
     return tracks
@@ -220,3 +222,63 @@ class TripleSampler:
         start = int(best[int(rng.integers(len(best)))]) * self.hop
         region = self._cut(target, start, self.query_len) + sum(self._cut(s, start, self.query_len) for s in chosen)
         return region
+
+
+def piano_roll(notes: np.ndarray, start_s: float, frames: int, frame_s: float, pitches: int = 128) -> np.ndarray:
+    """(pitches, frames) float32: 1 where a note sounds during a frame of `frame_s` seconds from `start_s`."""
+    roll = np.zeros((pitches, frames), np.float32)
+    tolerance = 1e-6  # so that a note on a frame boundary is not put a frame early by float rounding
+    for onset, offset, pitch, _ in notes:
+        first = int(np.floor((onset - start_s) / frame_s + tolerance))
+        last = int(np.ceil((offset - start_s) / frame_s - tolerance))
+        if last > 0 and first < frames and 0 <= pitch < pitches:
+            roll[int(pitch), max(first, 0): min(last, frames)] = 1.0
+    return roll
+
+
+@dataclass
+class ClipPair:
+    """Two clips of one stem (same instrument, different moments) and their piano rolls."""
+
+    clips: np.ndarray  # float32 (2, channels, samples)
+    rolls: np.ndarray  # float32 (2, pitches, frames)
+    key: tuple
+
+
+class ClipPairSampler:
+    """Draws `ClipPair`s from loaded tracks: the VAE's training data (reconstruction, pitch, contrastive timbre)."""
+
+    def __init__(self, tracks: list[Track], *, sample_rate: int, clip_s: float, roll_frame_s: float,
+                 roll_frames: int, min_active: float = 0.5) -> None:
+        self.stems = [stem for track in tracks for stem in track.stems]
+        self.rate = sample_rate
+        self.clip = int(clip_s * sample_rate)
+        self.hop = int(ACTIVITY_HOP_S * sample_rate)
+        self.roll_frame_s, self.roll_frames = roll_frame_s, roll_frames
+        self.min_active = min_active
+
+    def draw(self, rng: np.random.Generator) -> ClipPair:
+        for _ in range(100):
+            stem = self.stems[int(rng.integers(len(self.stems)))]
+            window = max(1, self.clip // self.hop)
+            usable = len(stem.active) - window + 1
+            if usable < 2 * window:
+                continue
+            csum = np.concatenate([[0], np.cumsum(stem.active)])
+            starts = np.flatnonzero((csum[window: usable + window] - csum[:usable]) / window >= self.min_active)
+            if len(starts) < 2:
+                continue
+            first = int(starts[int(rng.integers(len(starts)))])
+            apart = starts[np.abs(starts - first) >= window]
+            if len(apart) == 0:
+                continue
+            second = int(apart[int(rng.integers(len(apart)))])
+            clips, rolls = [], []
+            for frame in (first, second):
+                start = frame * self.hop
+                clip = np.asarray(stem.audio[:, start: start + self.clip], dtype=np.float32) / 32768.0
+                gain = 10 ** (rng.uniform(-6, 6) / 20)
+                clips.append(clip * gain)
+                rolls.append(piano_roll(stem.notes, start / self.rate, self.roll_frames, self.roll_frame_s))
+            return ClipPair(np.stack(clips), np.stack(rolls), stem.key)
+        raise RuntimeError("could not draw a clip pair: the corpus has too little active audio")

@@ -34,6 +34,11 @@ class Engine(abc.ABC):
     def __init__(self, *, device: torch.device) -> None:
         self.device = device
 
+    @property
+    def label(self) -> str:
+        """The name stems are written under: the engine's name, plus how it was run when that changes the sound."""
+        return self.name
+
     @abc.abstractmethod
     def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> Any:
         """Turn one or more query clips (channels, samples) into whatever `separate_segment` conditions on."""
@@ -50,6 +55,11 @@ class Engine(abc.ABC):
     def unavailable_reason(cls) -> str | None:
         """Why this engine cannot run here (missing weights or packages), or None when it can."""
         return None
+
+    @classmethod
+    def refine_unavailable_reason(cls) -> str | None:
+        """Why this engine cannot run with the diffusion refiner, or None when it can."""
+        return f"engine {cls.name} has no refiner; the refiner works after the bsmamba engine"
 
 
 @dataclass(frozen=True)

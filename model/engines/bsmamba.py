@@ -1,8 +1,10 @@
-"""`bsmamba`: the trained query-conditioned band-split Mamba, as an engine of the Separator API."""
+"""`bsmamba`: the trained query-conditioned band-split Mamba, as an engine of the Separator API, optionally
+followed by the latent diffusion refiner (`refine=True`)."""
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 WEIGHTS_NAME = "bsmamba-v1"
+REFINER_NAME = "refiner-v1"
 
 
 def weights_paths(name: str = WEIGHTS_NAME, folder: Path | None = None) -> tuple[Path, Path]:
@@ -46,6 +49,12 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> BSMamba:
     return model.to(device).eval()
 
 
+@dataclass(frozen=True)
+class QueryState:
+    embedding: torch.Tensor  # the separator's query embedding
+    timbre: torch.Tensor | None  # the refiner's VAE timbre embedding (None without the refiner)
+
+
 @register_engine
 class BSMambaEngine(Engine):
     name = "bsmamba"
@@ -53,7 +62,8 @@ class BSMambaEngine(Engine):
     segment_seconds = 8.0
     overlap = 0.125
 
-    def __init__(self, *, device: torch.device, weights: str | Path | None = None) -> None:
+    def __init__(self, *, device: torch.device, weights: str | Path | None = None, refine: bool = False,
+                 steps: int | None = None, refiner_weights: str | Path | None = None, seed: int = 0) -> None:
         super().__init__(device=device)
         path = Path(weights) if weights else weights_paths()[0]
         if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".json").exists():
@@ -63,6 +73,32 @@ class BSMambaEngine(Engine):
         self.model = load_model(path, device)
         self.stft = STFT(self.model.config.n_fft, self.model.config.hop)
         self.sample_rate = self.model.config.sample_rate
+        self.refiner_path: Path | None = None
+        self.refiner = self._load_refiner(refiner_weights, steps) if refine else None
+        self.steps = (steps or self.refiner.config.steps) if self.refiner else None
+        self.seed = seed
+
+    def _load_refiner(self, weights: str | Path | None, steps: int | None):
+        from stemquery.model.train_refiner import load_refiner
+
+        path = Path(weights) if weights else weights_paths(REFINER_NAME)[0]
+        if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".json").exists():
+            raise StemqueryError(f"refiner weights {path.with_suffix('.safetensors')} (and its .json) not found; "
+                                 "train them with `stemquery train vae` and `stemquery train refiner`, or run "
+                                 "without --refine")
+        if steps is not None and steps < 1:
+            raise StemqueryError(f"--steps must be at least 1, got {steps}")
+        refiner = load_refiner(path, self.device)
+        self.refiner_path = path.with_suffix(".safetensors")
+        vae = refiner.vae.config
+        if (vae.n_fft, vae.hop, vae.sample_rate) != (self.stft.n_fft, self.stft.hop, self.sample_rate):
+            raise StemqueryError(f"refiner {path.name} was trained for another STFT than separator "
+                                 f"{self.weights_path.name}; ship them together")
+        return refiner
+
+    @property
+    def label(self) -> str:
+        return f"bsmamba-refined{self.steps}" if self.refiner else "bsmamba"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -71,19 +107,35 @@ class BSMambaEngine(Engine):
             return f"no trained weights shipped yet ({weights.name})"
         return None
 
+    @classmethod
+    def refine_unavailable_reason(cls) -> str | None:
+        weights, config = weights_paths(REFINER_NAME)
+        if not weights.exists() or not config.exists():
+            return f"no trained refiner shipped yet ({weights.name}); run without refine"
+        return cls.unavailable_reason()
+
     def _stereo_spec(self, audio: torch.Tensor) -> torch.Tensor:
         audio = audio.to(self.device, torch.float32)
         if audio.shape[0] == 1:
             audio = audio.expand(2, -1)
         return self.stft.forward(audio)[None]
 
-    def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> torch.Tensor:
-        embedding = self.model.embed_queries([self._stereo_spec(clip) for clip in clips])
+    def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> QueryState:
+        specs = [self._stereo_spec(clip) for clip in clips]
+        timbre = None
+        if self.refiner is not None:
+            timbre = torch.stack([self.refiner.vae.timbre_embedding(spec) for spec in specs]).mean(dim=0)
         progress(1.0)
-        return embedding
+        return QueryState(self.model.embed_queries(specs), timbre)
 
-    def separate_segment(self, mix: torch.Tensor, query: torch.Tensor,
+    def separate_segment(self, mix: torch.Tensor, query: QueryState,
                          progress: StepProgress = no_progress) -> torch.Tensor:
-        target = self.stft.inverse(self.model(self._stereo_spec(mix), query)[0], mix.shape[-1])
+        spec = self._stereo_spec(mix)
+        estimate = self.model(spec, query.embedding)
+        if self.refiner is not None:
+            progress(0.2)
+            generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
+            estimate = self.refiner.refine(spec, estimate, query.timbre, steps=self.steps, generator=generator)
+        target = self.stft.inverse(estimate[0], mix.shape[-1])
         progress(1.0)
         return target.mean(dim=0, keepdim=True) if mix.shape[0] == 1 else target

@@ -1,0 +1,233 @@
+"""Training the refiner's two models with the shared loop (`train.TrainingRun`), resumable like the separator's.
+
+    stemquery train vae --config model/configs/vae.toml          VAE: band magnitudes ↔ timbre + content latent
+    stemquery train refiner --config model/configs/refiner.toml  diffusion UNet over the frozen VAE's latents,
+                                                                 conditioned on the frozen separator's estimate
+
+VAE loss: L1 reconstruction of the features + kl_weight × KL + pitch_weight × BCE(piano roll from the content part)
++ contrastive_weight × InfoNCE(the pooled timbre of two clips of one stem against the other stems in the batch).
+Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stemquery.model.refiner import LatentRefiner, RefinerConfig
+from stemquery.model.stft import STFT
+from stemquery.model.train import RunConfig, TrainingRun
+from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, pad_frames
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VAETrainConfig(RunConfig):
+    run_dir: Path = Path("runs/vae")
+    train_corpus: Path = Path("data/train")
+    val_corpus: Path = Path("data/val")
+    clip_s: float = 3.0
+    val_pairs: int = 32
+    kl_weight: float = 1e-4
+    pitch_weight: float = 0.1
+    contrastive_weight: float = 0.1
+    temperature: float = 0.1
+    model: VAEConfig = field(default_factory=VAEConfig)
+
+
+@dataclass(frozen=True)
+class RefinerTrainConfig(RunConfig):
+    run_dir: Path = Path("runs/refiner")
+    train_corpus: Path = Path("data/train")
+    val_set: Path = Path("data/eval_val")
+    #: The frozen parts: the VAE's checkpoint and the separator's shipped weights (path without suffix).
+    vae_checkpoint: Path = Path("runs/vae/last.pt")
+    separator_weights: Path = Path("model/weights/bsmamba-v1")
+    segment_s: float = 3.0
+    query_s: float = 3.0
+    val_cases: int = 12
+    protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
+    model: RefinerConfig = field(default_factory=RefinerConfig)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `a` should match row i of `b` and no other."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def vae_losses(vae: TimbrePitchVAE, specs: torch.Tensor, rolls: torch.Tensor, config: VAETrainConfig,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """specs (2·n, channels, bins, frames) — clips 2i and 2i+1 come from one stem; rolls (2·n, pitches, frames/4)."""
+    features = pad_frames(vae.bands.features(specs), DOWNSAMPLING)
+    posterior = vae.posterior(features)
+    latent = posterior.sample(generator)
+    reconstruction = vae.decode(latent)
+    timbre, content = vae.split(latent)
+    logits = vae.pitch_logits(content)[..., : rolls.shape[-1]]
+    pooled = timbre.flatten(1)
+    return {
+        "reconstruction": (reconstruction - features).abs().mean(),
+        "kl": posterior.kl().mean() / latent[0].numel(),
+        "pitch": F.binary_cross_entropy_with_logits(logits, rolls),
+        "contrastive": info_nce(pooled[0::2], pooled[1::2], config.temperature),
+    }
+
+
+class VAETrainer(TrainingRun):
+    kind = "vae"
+
+    def __init__(self, config: VAETrainConfig) -> None:
+        from stemquery.model.data.dataset import ClipPairSampler, load_corpus
+
+        torch.manual_seed(config.seed)
+        model = TimbrePitchVAE(config.model)
+        super().__init__(config, model, list(model.parameters()))
+        self.stft = STFT(config.model.n_fft, config.model.hop)
+        self.sampler = self._sampler(load_corpus(config.train_corpus, config.model.sample_rate))
+        self.val_sampler = (self._sampler(load_corpus(config.val_corpus, config.model.sample_rate))
+                            if config.val_corpus.exists() else None)
+
+    def _sampler(self, tracks):
+        from stemquery.model.data.dataset import ClipPairSampler
+
+        c = self.config
+        frames = self.stft.frames(int(c.clip_s * c.model.sample_rate))
+        latent_frames = -(-frames // DOWNSAMPLING)
+        return ClipPairSampler(tracks, sample_rate=c.model.sample_rate, clip_s=c.clip_s,
+                               roll_frame_s=c.model.hop * DOWNSAMPLING / c.model.sample_rate,
+                               roll_frames=latent_frames)
+
+    def _batch(self, sampler, rng, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        drawn = [sampler.draw(rng) for _ in range(pairs)]
+        clips = torch.from_numpy(np.concatenate([p.clips for p in drawn]))
+        rolls = torch.from_numpy(np.concatenate([p.rolls for p in drawn]))
+        return self.stft.forward(clips), rolls
+
+    def _total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.config
+        return (losses["reconstruction"] + c.kl_weight * losses["kl"] + c.pitch_weight * losses["pitch"]
+                + c.contrastive_weight * losses["contrastive"])
+
+    def loss(self) -> torch.Tensor:
+        specs, rolls = self._batch(self.sampler, self.rng, self.config.batch)
+        return self._total(vae_losses(self.model, specs, rolls, self.config))
+
+    def validate(self) -> dict:
+        """Each loss term on a fixed set of val clip pairs (seen timbres, unseen music), the posterior mean."""
+        if self.val_sampler is None:
+            return {}
+        rng = np.random.default_rng(12345)
+        specs, rolls = self._batch(self.val_sampler, rng, self.config.val_pairs)
+        generator = torch.Generator().manual_seed(0)
+        losses = vae_losses(self.model, specs, rolls, self.config, generator)
+        return {"step": self.step, "total": float(self._total(losses)), **{k: float(v) for k, v in losses.items()}}
+
+
+def load_vae_checkpoint(path: Path) -> TimbrePitchVAE:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("kind") != "vae":
+        raise ValueError(f"{path}: not a VAE checkpoint (kind {state.get('kind')!r})")
+    vae = TimbrePitchVAE(VAEConfig.from_dict(state["config"]["model"]))
+    vae.load_state_dict(state["model"])
+    return vae
+
+
+class RefinerTrainer(TrainingRun):
+    kind = "refiner"
+
+    def __init__(self, config: RefinerTrainConfig) -> None:
+        from stemquery.model.data.dataset import TripleSampler, load_corpus
+        from stemquery.model.engines.bsmamba import load_model
+
+        torch.manual_seed(config.seed)
+        vae = load_vae_checkpoint(config.vae_checkpoint).requires_grad_(False).eval()
+        model = LatentRefiner(config.model, vae)
+        trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
+        super().__init__(config, model, trainable)
+        self.separator = load_model(config.separator_weights.with_suffix(".safetensors")).requires_grad_(False)
+        separator_config = self.separator.config
+        if (separator_config.n_fft, separator_config.hop) != (vae.config.n_fft, vae.config.hop):
+            raise ValueError("the VAE and the separator must share their STFT (n_fft, hop)")
+        self.stft = STFT(vae.config.n_fft, vae.config.hop)
+        tracks = load_corpus(config.train_corpus, vae.config.sample_rate)
+        self.sampler = TripleSampler(tracks, sample_rate=vae.config.sample_rate, segment_s=config.segment_s,
+                                     query_s=config.query_s, protocols=config.protocols, absent_target_p=0.0)
+
+    def _latents(self, mixture: torch.Tensor, target: torch.Tensor, query: torch.Tensor):
+        """With the frozen separator and VAE: latents of target, mix and estimate, and the query's timbre."""
+        vae, multiple = self.model.vae, self.model.frame_multiple
+        with torch.no_grad():
+            mix_spec = self.stft.forward(mixture)
+            query_spec = self.stft.forward(query)
+            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]))
+            z_target, z_mix, z_estimate = (vae.encode(spec, multiple)
+                                           for spec in (self.stft.forward(target), mix_spec, estimate))
+            timbre = vae.timbre_embedding(query_spec)
+        return z_target, z_mix, z_estimate, timbre
+
+    def loss(self) -> torch.Tensor:
+        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
+        stack = lambda name: torch.from_numpy(np.stack([getattr(t, name) for t in triples]))  # noqa: E731
+        self.model.vae.eval()
+        self.separator.eval()
+        return self.model.training_loss(*self._latents(stack("mixture"), stack("target"), stack("query")))
+
+    def validate(self) -> dict:
+        """SNR of separator alone vs separator + refiner (default steps) on the first `val_cases` val cases."""
+        from stemquery.model.evaluate import case_folders, read_case, snr
+
+        if not self.config.val_set.exists():
+            return {}
+        alone, refined = [], []
+        for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
+            case = read_case(folder)
+            mix_spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
+            query_spec = self.stft.forward(torch.from_numpy(case.query))[None]
+            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]))
+            better = self.model.refine(mix_spec, estimate, self.model.vae.timbre_embedding(query_spec),
+                                       generator=torch.Generator().manual_seed(0))
+            samples = case.mixture.shape[1]
+            alone.append(snr(self.stft.inverse(estimate[0], samples).numpy(), case.target))
+            refined.append(snr(self.stft.inverse(better[0], samples).numpy(), case.target))
+        return {"step": self.step, "snr_separator": float(np.mean(alone)), "snr_refined": float(np.mean(refined))}
+
+    def extra_state(self) -> dict:
+        return {"vae_config": self.model.vae.config.to_dict()}
+
+
+# -- shipped weights -------------------------------------------------------------------------------------------------
+def refiner_from_state(state: dict) -> LatentRefiner:
+    """A refiner checkpoint (its weights hold the frozen VAE as `vae.*`, its extra state the VAE's config)."""
+    refiner = LatentRefiner(RefinerConfig.from_dict(state["config"]["model"]),
+                            TimbrePitchVAE(VAEConfig.from_dict(state["vae_config"])))
+    refiner.load_state_dict(state["model"])
+    return refiner
+
+
+def save_refiner(refiner: LatentRefiner, path: Path, extra: dict | None = None) -> None:
+    """VAE and UNet in one safetensors file, both configs in the JSON beside it."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in refiner.state_dict().items()}
+    save_file(state, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(
+        {"vae": refiner.vae.config.to_dict(), "refiner": refiner.config.to_dict(), **(extra or {})}, indent=1))
+
+
+def load_refiner(path: Path, device: torch.device | str = "cpu") -> LatentRefiner:
+    from safetensors.torch import load_file
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    refiner = LatentRefiner(RefinerConfig.from_dict(meta["refiner"]), TimbrePitchVAE(VAEConfig.from_dict(meta["vae"])))
+    refiner.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
+    return refiner.to(device).eval()
