@@ -1,6 +1,9 @@
 """Speed and memory of every stemquery engine beside HTDemucs, in one run on one machine.
 
     python benchmarks/speed.py [--lengths 10 60 600] [--runs 3] [--threads 2] [--out docs/performance.json]
+                               [--systems ...] [--plot docs/performance.png]
+
+Set-up: `pip install -e '.[bench]' && pip install --no-deps demucs==4.1.0`.
 
 Each (system, length) is measured in a fresh subprocess: load, one warm-up on 2 s (not timed), then `--runs`
 timed separations of stereo 44.1 kHz noise-like music of that length; the median wall time is reported, with
@@ -27,7 +30,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RATE = 44100
-SYSTEMS = ["nmf", "bsmamba", "htdemucs"]
+#: stemquery's engines (the refiner at two step counts) and the peer.
+SYSTEMS = ["nmf", "bsmamba", "bsmamba-refine5", "bsmamba-refine10", "htdemucs"]
 WEIGHTS_NOTE = "HTDemucs: random weights (speed does not depend on weight values); Open-Unmix: not measured " \
                "(openunmix imports torchaudio, which has no build for torch 2.13 CPU)"
 
@@ -62,30 +66,51 @@ def make_runner(system: str):
         return run, "random weights"
     from stemquery.model import Separator
 
-    note = ""
-    if system == "bsmamba":
-        from stemquery.model.engines.bsmamba import BSMambaEngine
-
-        if BSMambaEngine.unavailable_reason():
-            # Before weights ship: the default architecture with random weights (same speed).
-            import tempfile
-
-            from stemquery.model.bsmamba import BSMamba
-            from stemquery.model.engines.bsmamba import save_weights
-            from stemquery.model.train import SeparatorTrainConfig
-
-            path = Path(tempfile.mkdtemp()) / "random"
-            save_weights(BSMamba(SeparatorTrainConfig.load(Path("model/configs/bsmamba.toml")).model), path)
-            separator, note = Separator("bsmamba", device="cpu", weights=path), "random weights"
-        else:
-            separator, note = Separator("bsmamba", device="cpu"), "shipped weights"
+    if system.startswith("bsmamba"):
+        separator, note = bsmamba_separator(system)
     else:
-        separator = Separator(system, device="cpu")
+        separator, note = Separator(system, device="cpu"), ""
 
     def run(mix, query):
         return separator.separate(mix, RATE, [query]).target
 
     return run, note
+
+
+def bsmamba_separator(system: str):
+    """The shipped weights where they exist; otherwise the shipped configs with random weights (same speed)."""
+    import tempfile
+
+    from stemquery.model import Separator
+    from stemquery.model.bsmamba import BSMamba
+    from stemquery.model.engines.bsmamba import BSMambaEngine, REFINER_NAME, save_weights, weights_paths
+
+    options, notes = {}, []
+    if BSMambaEngine.unavailable_reason():
+        from stemquery.model.train import SeparatorTrainConfig
+
+        path = Path(tempfile.mkdtemp()) / "random"
+        save_weights(BSMamba(SeparatorTrainConfig.load(Path("model/configs/bsmamba.toml")).model), path)
+        options["weights"] = path
+        notes.append("separator: random weights")
+    else:
+        notes.append("separator: shipped weights")
+    if "-refine" in system:
+        options.update(refine=True, steps=int(system.rpartition("refine")[2]))
+        if not weights_paths(REFINER_NAME)[0].exists():
+            from stemquery.model.refiner import LatentRefiner
+            from stemquery.model.train_refiner import RefinerTrainConfig, VAETrainConfig, save_refiner
+            from stemquery.model.vae import TimbrePitchVAE
+
+            vae = TimbrePitchVAE(VAETrainConfig.load(Path("model/configs/vae.toml")).model)
+            refiner = LatentRefiner(RefinerTrainConfig.load(Path("model/configs/refiner.toml")).model, vae)
+            path = Path(tempfile.mkdtemp()) / "refiner"
+            save_refiner(refiner, path)
+            options["refiner_weights"] = path
+            notes.append("refiner: random weights")
+        else:
+            notes.append("refiner: shipped weights")
+    return Separator("bsmamba", device="cpu", **options), "; ".join(notes)
 
 
 def measure(system: str, seconds: float, runs: int) -> dict:
@@ -118,6 +143,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/performance.json"))
+    parser.add_argument("--plot", type=Path, default=None, help="Save time and peak RSS against length (PNG).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,6 +174,30 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=1))
     print()
     print(markdown_table(report))
+    if args.plot:
+        plot_scaling(report, args.plot)
+
+
+def plot_scaling(report: dict, path: Path) -> None:
+    """Wall time and peak RSS against audio length, one line per system (log-log: linear time is slope 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(r["system"] for r in report["rows"]):
+        rows = sorted((r for r in report["rows"] if r["system"] == system), key=lambda r: r["seconds"])
+        lengths = [r["seconds"] for r in rows]
+        time_axis.loglog(lengths, [r["wall_s"] for r in rows], "o-", label=system)
+        memory_axis.semilogx(lengths, [r["peak_rss_mb"] for r in rows], "o-", label=system)
+    time_axis.set(xlabel="audio length (s, stereo 44.1 kHz)", ylabel="wall time (s, median)",
+                  title=f"time ({report['threads']} threads)")
+    memory_axis.set(xlabel="audio length (s)", ylabel="peak RSS (MB)", title="memory")
+    time_axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
 
 
 def markdown_table(report: dict) -> str:
