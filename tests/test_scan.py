@@ -58,7 +58,7 @@ def test_mamba2_uses_mamba_ssm_parameter_names_and_shapes():
     torch.testing.assert_close(copy(u), layer(u))
 
 
-def test_shifted_conv_equals_conv1d():
+def test_causal_conv_equals_mamba_ssm_padded_conv1d_cut_to_length():
     layer = Mamba2(32, d_state=16, headdim=16)
     x = torch.randn(3, 21, layer.conv1d.in_channels)
     reference = layer.conv1d(x.transpose(1, 2))[..., :21].transpose(1, 2)
