@@ -19,7 +19,7 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_packet import OscPacket
 
 from stemquery.daw_bridge.journal import Job
-from stemquery.daw_bridge.spec import SpecError, validate_spec
+from stemquery.daw_bridge.spec import validate_spec
 from stemquery.model.errors import StemqueryError
 
 log = logging.getLogger(__name__)

@@ -56,7 +56,6 @@ class Mamba2(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """(batch, length, d_model) → same shape, causal in `length`."""
-        length = u.shape[1]
         z, xbc, dt = torch.split(self.in_proj(u), [self.d_inner, self.d_inner + 2 * self.d_state, self.nheads], -1)
         xbc = F.silu(self._causal_conv(xbc))
         x, B, C = torch.split(xbc, [self.d_inner, self.d_state, self.d_state], dim=-1)

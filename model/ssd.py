@@ -67,7 +67,6 @@ def chunked_scan(
     pad = (-length) % chunk
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    chunks = x.shape[1] // chunk
     xdt = rearrange(x * dt[..., None], "b (c q) h p -> b h c q p", q=chunk)
     B = rearrange(B, "b (c q) g n -> b g c q n", q=chunk)  # g = 1 broadcasts over heads
     C = rearrange(C, "b (c q) g n -> b g c q n", q=chunk)

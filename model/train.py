@@ -267,13 +267,10 @@ class SeparatorTrainer(TrainingRun):
                                      query_s=config.query_s, protocols=config.protocols,
                                      absent_target_p=config.absent_target_p)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
-        stack = lambda name: torch.from_numpy(np.stack([getattr(t, name) for t in triples]))  # noqa: E731
-        return stack("mixture"), stack("target"), stack("query")
-
     def loss(self) -> torch.Tensor:
-        mixture, target, query = self.batch()
+        from stemquery.model.data.dataset import stack_triples
+
+        mixture, target, query = stack_triples([self.sampler.draw(self.rng) for _ in range(self.config.batch)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
             embedding = self.model.embed_queries([self.stft.forward(query)])
             estimate = self.model(self.stft.forward(mixture), embedding)

@@ -66,7 +66,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 
 def vae_losses(vae: TimbrePitchVAE, specs: torch.Tensor, rolls: torch.Tensor, config: VAETrainConfig,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """specs (2·n, channels, bins, frames) — clips 2i and 2i+1 come from one stem; rolls (2·n, pitches, frames/4)."""
+    """specs (2·n, channels, bins, frames), clips 2i and 2i+1 from one stem; rolls (2·n, pitches, frames / 4)."""
     features = pad_frames(vae.bands.features(specs), DOWNSAMPLING)
     posterior = vae.posterior(features)
     latent = posterior.sample(generator)
@@ -86,7 +86,7 @@ class VAETrainer(TrainingRun):
     kind = "vae"
 
     def __init__(self, config: VAETrainConfig) -> None:
-        from stemquery.model.data.dataset import ClipPairSampler, load_corpus
+        from stemquery.model.data.dataset import load_corpus
 
         torch.manual_seed(config.seed)
         model = TimbrePitchVAE(config.model)
@@ -175,11 +175,12 @@ class RefinerTrainer(TrainingRun):
         return z_target, z_mix, z_estimate, timbre
 
     def loss(self) -> torch.Tensor:
-        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
-        stack = lambda name: torch.from_numpy(np.stack([getattr(t, name) for t in triples]))  # noqa: E731
+        from stemquery.model.data.dataset import stack_triples
+
+        batch = stack_triples([self.sampler.draw(self.rng) for _ in range(self.config.batch)])
         self.model.vae.eval()
         self.separator.eval()
-        return self.model.training_loss(*self._latents(stack("mixture"), stack("target"), stack("query")))
+        return self.model.training_loss(*self._latents(*batch))
 
     def validate(self) -> dict:
         """SNR of separator alone vs separator + refiner (default steps) on the first `val_cases` val cases."""

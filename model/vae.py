@@ -117,7 +117,8 @@ class TimbrePitchVAE(nn.Module):
 
     # -- latent layout -------------------------------------------------------------------------------------------
     def split(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, latent_channels, latent_bands, t) → timbre (b, timbre_channels, latent_bands), content (b, rest, ., t)."""
+        """(b, latent_channels, latent_bands, t) → timbre (b, timbre_channels, latent_bands) and content
+        (b, latent_channels − timbre_channels, latent_bands, t)."""
         timbre_channels = self.config.timbre_channels
         return latent[:, :timbre_channels].mean(dim=-1), latent[:, timbre_channels:]
 

@@ -101,6 +101,14 @@ class Triple:
     info: dict
 
 
+def stack_triples(triples: list[Triple]):
+    """A batch as torch tensors: mixture, target, query, each (batch, channels, samples)."""
+    import torch
+
+    return tuple(torch.from_numpy(np.stack([getattr(t, name) for t in triples]))
+                 for name in ("mixture", "target", "query"))
+
+
 class TripleSampler:
     """Draws triples from loaded tracks with a numpy Generator (deterministic for a seed)."""
 
