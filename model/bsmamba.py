@@ -3,8 +3,8 @@
     mix STFT → band split → N × [BiMamba2 over time in each band → BiMamba2 across bands → FiLM(query)]
              → per-band complex mask → × mix STFT → iSTFT
 
-The query clips go through their own band split and a BiMamba2 over time, pooled over time and bands into one
-embedding (several clips: their embeddings averaged). Conditioning is Hyper-FiLM (a hypernetwork turns the
+The query clips go through their own band split of log magnitudes and a BiMamba2 over time, pooled over time
+(mean and standard deviation) into one embedding (several clips: their embeddings averaged). Conditioning is Hyper-FiLM (a hypernetwork turns the
 embedding into per-band scales and shifts for every block) or plain FiLM (one linear map per block, the same for
 every band), selectable for the ablation.
 
@@ -88,25 +88,39 @@ CONDITIONING = {"film": FiLM, "hyperfilm": HyperFiLM}
 
 
 class QueryEncoder(nn.Module):
-    """Query spectrogram(s) → one embedding (batch, query_dim)."""
+    """Query spectrogram(s) → one embedding (batch, query_dim).
+
+    It reads log magnitudes, not the complex values the separator reads: a clip's timbre is in its magnitude
+    spectrum, and complex values with their arbitrary phases average to nothing when pooled over time (the first
+    design did that: its embeddings of different instruments were 99.6 % alike, and the separator could not tell
+    what was asked for). Per band: the channel-averaged log power of each bin relative to the clip's mean power
+    (so the clip's gain does not matter), a Linear, a BiMamba over time; then the mean and standard deviation over time of
+    every band (statistics pooling), joined across bands, through an MLP.
+    """
 
     def __init__(self, config: BSMambaConfig, bands: list[tuple[int, int]]) -> None:
         super().__init__()
         mamba = dict(d_state=config.d_state, headdim=config.headdim, expand=config.expand, chunk=config.chunk)
-        self.split = BandSplit(bands, config.channels, config.dim)
+        self.bands = bands
+        self.projections = nn.ModuleList(nn.Linear(stop - start, config.dim) for start, stop in bands)
         self.layers = nn.ModuleList(BiMamba2(config.dim, **mamba) for _ in range(config.query_layers))
-        self.band_position = nn.Parameter(torch.zeros(len(bands), config.dim))
-        self.out = nn.Sequential(nn.RMSNorm(config.dim), nn.Linear(config.dim, config.query_dim), nn.SiLU(),
+        self.out = nn.Sequential(nn.RMSNorm(2 * config.dim * len(bands)),
+                                 nn.Linear(2 * config.dim * len(bands), config.query_dim), nn.SiLU(),
                                  nn.Linear(config.query_dim, config.query_dim))
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        x = self.split(spec)  # (b, k, t, d)
+        power = spec.abs().float().pow(2).mean(dim=1)  # (b, f, t)
+        reference = power.mean(dim=(1, 2), keepdim=True) + 1e-12
+        relative = torch.log10(power / reference + 1e-6) / 2  # floor 60 dB under the clip's mean power
+        x = torch.stack([projection(rearrange(relative[:, start:stop], "b f t -> b t f"))
+                         for (start, stop), projection in zip(self.bands, self.projections)], dim=1)  # (b, k, t, d)
         bands = x.shape[1]
         x = rearrange(x, "b k t d -> (b k) t d")
         for layer in self.layers:
             x = layer(x)
-        x = rearrange(x, "(b k) t d -> b k t d", k=bands).mean(dim=2) + self.band_position
-        return self.out(x.mean(dim=1))
+        x = rearrange(x, "(b k) t d -> b k t d", k=bands)
+        pooled = torch.cat([x.mean(dim=2), x.std(dim=2, correction=0)], dim=-1)  # (b, k, 2d)
+        return self.out(pooled.flatten(1))
 
 
 class Block(nn.Module):

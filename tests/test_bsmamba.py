@@ -5,7 +5,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from conftest import RATE
+from conftest import RATE, si_sdr, tone_sequence
 from stemquery.daw_bridge.cli import main
 from stemquery.model import Separator
 from stemquery.model.bands import musical_bands
@@ -37,16 +37,48 @@ def test_output_spectrogram_shape_for_odd_lengths(conditioning, samples):
     assert stft.inverse(out, samples).shape == (2, 2, samples)
 
 
-def test_query_changes_the_output():
+def test_query_embedding_tells_timbres_apart_and_ignores_gain():
+    """At initialisation already: two clips of one timbre are closer than clips of two timbres, and a clip's
+    gain does not change its embedding (a first design's embeddings were 99.6 % alike whatever the query).
+    The shipped default size: the first design's flaw showed there, not in tiny models."""
     torch.manual_seed(0)
-    config = BSMambaConfig(**TINY)
+    config = BSMambaConfig()
     model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
-    for p in model.parameters():  # FiLM starts as identity; give it weights so the query matters
-        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
-    mix = stft.forward(torch.randn(1, 2, RATE))
-    a = model(mix, model.embed_queries([stft.forward(torch.randn(1, 2, RATE))]))
-    b = model(mix, model.embed_queries([stft.forward(torch.randn(1, 2, RATE))]))
-    assert (a - b).abs().max() > 1e-4
+    rng = np.random.default_rng(0)
+    clips = [tone_sequence(rng.integers(50, 70, 8), 0.4, harmonics=h) for h in ("saw", "saw", "hollow")]
+    embed = lambda audio: model.embed_queries([stft.forward(torch.from_numpy(np.stack([audio] * 2))[None])])  # noqa
+    saw, saw_again, hollow = (embed(c) for c in clips)
+    cosine = torch.nn.functional.cosine_similarity
+    assert float((saw - hollow).norm() / saw.norm()) > 0.1
+    assert float(cosine(saw, saw_again)) > float(cosine(saw, hollow)) + 0.02
+    torch.testing.assert_close(embed(0.05 * clips[0]), saw, rtol=1e-4, atol=1e-5)
+
+
+def test_the_query_selects_the_source(two_sources):
+    """One mix, two queries, two targets: a model that ignored its query could not improve both."""
+    torch.manual_seed(0)
+    mix, low, low_query = (x[:, :RATE] for x in two_sources)
+    high = mix - low
+    high_query = tone_sequence(np.random.default_rng(3).integers(65, 80, 3), 0.4, harmonics="hollow")[None]
+    stereo = lambda x: torch.from_numpy(np.repeat(x, 2, axis=0))  # noqa: E731
+    mixes = torch.stack([stereo(mix)] * 2)
+    targets = torch.stack([stereo(low), stereo(high)])
+    queries = torch.stack([stereo(low_query[:, :RATE]), stereo(high_query[:, :RATE])])
+    config = BSMambaConfig(**{**TINY, "dim": 32})
+    model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        estimate = model(stft.forward(mixes), model.embed_queries([stft.forward(queries)]))
+        loss = separation_loss(estimate, targets, mixes, stft)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        estimate = model(stft.forward(mixes), model.embed_queries([stft.forward(queries)]))
+        audio = stft.inverse(estimate, RATE).numpy()
+    for index in range(2):
+        gain = si_sdr(audio[index], targets[index].numpy()) - si_sdr(mixes[index].numpy(), targets[index].numpy())
+        assert gain > 3.0, (index, gain)
 
 
 def test_tiny_model_overfits_one_example(two_sources):
