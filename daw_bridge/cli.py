@@ -326,6 +326,21 @@ def train_export(checkpoint, out) -> None:
     click.echo(f"{out}.safetensors, {out}.json")
 
 
+@train.command("curve")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--metric", default="si_sdr_i", show_default=True, help="The validation figure to plot.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG to write.")
+def train_curve(runs, metric, out) -> None:
+    """Plot the validation curve (RUN/curve.json) of one or more training runs against steps."""
+    from stemquery.model.train import plot_curves
+
+    try:
+        plot_curves(list(runs), metric, out)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(out))
+
+
 def default_reaper_resource_path() -> Path:
     """Where REAPER keeps its resources (Options > Show REAPER resource path) on this system."""
     if sys.platform == "darwin":

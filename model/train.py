@@ -323,3 +323,24 @@ def export(checkpoint: Path, out: Path) -> None:
     EXPORTERS[kind](state, out, {"step": state["step"], "validation": curve[-1] if curve else None,
                                  "train_config": state["config"]})
 
+
+
+def plot_curves(runs: list[Path], metric: str, out: Path) -> None:
+    """Validation `metric` against steps for each run directory (its curve.json), one line each (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        curve = [point for point in json.loads((Path(run) / "curve.json").read_text()) if metric in point]
+        if not curve:
+            raise ValueError(f"{run}/curve.json has no {metric!r} values")
+        axis.plot([p["step"] for p in curve], [p[metric] for p in curve], "o-", label=Path(run).name)
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set(xlabel="training step", ylabel=metric, title="validation")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)

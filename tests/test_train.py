@@ -120,3 +120,20 @@ def test_vae_and_refiner_train_resume_and_export(tmp_path):
                       refiner_weights=tmp_path / "weights" / "refiner-v1").separate(mix.T, RATE, [mix.T[:, :RATE]])
     assert stems.target.shape == mix.T.shape and stems.engine == "bsmamba-refined2"
     assert refiner.config.steps == TINY_REFINER["steps"]
+
+
+def test_curve_plot_of_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from stemquery.daw_bridge.cli import main
+
+    for name, values in (("a", [-0.2, 0.1, 0.5]), ("b", [0.0, 0.3])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "curve.json").write_text(json.dumps(
+            [{"step": 200 * (i + 1), "si_sdr_i": v} for i, v in enumerate(values)]))
+    out = tmp_path / "curve.png"
+    result = CliRunner().invoke(main, ["train", "curve", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(main, ["train", "curve", str(tmp_path / "a"), "--metric", "snr", "--out", str(out)])
+    assert result.exit_code == 1 and "no 'snr' values" in result.output
