@@ -33,23 +33,34 @@ class BandSplit(nn.Module):
     The norm removes each band's level, so without it the network would see every band's shape but not the spectral
     envelope across bands, the first thing that tells one timbre from another. The level is in dB relative to the
     clip's mean power (so a quieter input gives the same features), over 50, floored at -100 dB.
+
+    `per_bin` extra real features per bin and frame (batch, bins, frames) may join each band's input.
     """
 
-    def __init__(self, bands: list[tuple[int, int]], channels: int, dim: int) -> None:
+    def __init__(self, bands: list[tuple[int, int]], channels: int, dim: int, per_bin: int = 0) -> None:
         super().__init__()
         self.bands = bands
+        self.per_bin = per_bin
         widths = [2 * channels * (stop - start) for start, stop in bands]
         self.norms = nn.ModuleList(nn.RMSNorm(width) for width in widths)
-        self.projections = nn.ModuleList(nn.Linear(width + 1, dim) for width in widths)
+        self.projections = nn.ModuleList(nn.Linear(width + 1 + per_bin * (stop - start), dim)
+                                         for width, (start, stop) in zip(widths, bands))
 
-    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+    def forward(self, spec: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        if (extra is None) != (self.per_bin == 0):
+            raise ValueError(f"this band split takes {self.per_bin} extra feature(s) per bin")
         features = torch.view_as_real(spec)  # (b, c, f, t, 2)
         bands = [rearrange(features[:, :, start:stop], "b c f t z -> b t (c f z)") for start, stop in self.bands]
         power = torch.stack([band.float().pow(2).mean(-1) for band in bands], dim=1)  # (b, k, t)
         reference = power.mean(dim=(1, 2), keepdim=True)
         level = (10 * torch.log10((power + 1e-12) / (reference + 1e-12)) / 50).clamp(min=-2.0)
-        out = [projection(torch.cat([norm(band), level[:, index, :, None].to(band.dtype)], dim=-1))
-               for index, (band, norm, projection) in enumerate(zip(bands, self.norms, self.projections))]
+        out = []
+        for index, ((start, stop), band, norm, projection) in enumerate(
+                zip(self.bands, bands, self.norms, self.projections)):
+            parts = [norm(band), level[:, index, :, None].to(band.dtype)]
+            if extra is not None:
+                parts.append(rearrange(extra[..., start:stop, :], "b e f t -> b t (e f)").to(band.dtype))
+            out.append(projection(torch.cat(parts, dim=-1)))
         return torch.stack(out, dim=1)
 
 

@@ -272,8 +272,8 @@ class SeparatorTrainer(TrainingRun):
 
         mixture, target, query = stack_triples([self.sampler.draw(self.rng) for _ in range(self.config.batch)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            embedding = self.model.embed_queries([self.stft.forward(query)])
-            estimate = self.model(self.stft.forward(mixture), embedding)
+            condition = self.model.embed_queries([self.stft.forward(query)])
+            estimate = self.model(self.stft.forward(mixture), condition)
         return separation_loss(estimate.to(torch.complex64), target, mixture, self.stft)
 
     def validate(self) -> dict:
@@ -286,8 +286,8 @@ class SeparatorTrainer(TrainingRun):
         for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
             case = read_case(folder)
             spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
-            embedding = self.model.embed_queries([self.stft.forward(torch.from_numpy(case.query))[None]])
-            estimate = self.stft.inverse(self.model(spec, embedding)[0], case.mixture.shape[1]).numpy()
+            condition = self.model.embed_queries([self.stft.forward(torch.from_numpy(case.query))[None]])
+            estimate = self.stft.inverse(self.model(spec, condition)[0], case.mixture.shape[1]).numpy()
             gain = si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target)
             gains.setdefault(case.meta.get("protocol", ""), []).append(gain)
         everything = [g for values in gains.values() for g in values]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from stemquery.model.bsmamba import BSMamba, BSMambaConfig
+from stemquery.model.bsmamba import BSMamba, BSMambaConfig, QueryCondition
 from stemquery.model.engines.base import Engine, StepProgress, no_progress, register_engine
 from stemquery.model.errors import StemqueryError
 from stemquery.model.stft import STFT
@@ -51,7 +51,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> BSMamba:
 
 @dataclass(frozen=True)
 class QueryState:
-    embedding: torch.Tensor  # the separator's query embedding
+    condition: QueryCondition  # what the separator is conditioned on
     timbre: torch.Tensor | None  # the refiner's VAE timbre embedding (None without the refiner)
 
 
@@ -131,7 +131,7 @@ class BSMambaEngine(Engine):
     def separate_segment(self, mix: torch.Tensor, query: QueryState,
                          progress: StepProgress = no_progress) -> torch.Tensor:
         spec = self._stereo_spec(mix)
-        estimate = self.model(spec, query.embedding)
+        estimate = self.model(spec, query.condition)
         if self.refiner is not None:
             progress(0.2)
             generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
