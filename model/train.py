@@ -129,6 +129,10 @@ class TrainingRun:
     """
 
     kind: str = ""
+    #: The validation figure that picks `RUN/best.pt`, and whether higher is better. Validation on a couple of
+    #: dozen cases is noisy and the curve is not monotone: the last checkpoint is not always the one to ship.
+    best_metric: str = ""
+    higher_is_better: bool = True
 
     def __init__(self, config: RunConfig, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         self.config = config
@@ -138,6 +142,7 @@ class TrainingRun:
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.step = 0
         self.curve: list[dict] = []
+        self.best: float | None = None
         self.rng = np.random.default_rng(config.seed)
         config.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -153,15 +158,15 @@ class TrainingRun:
 
     # -- state ----------------------------------------------------------------------------------------------------
     def save(self, path: Path | None = None) -> Path:
-        """Write the checkpoint (the previous one is kept as last.prev.pt). Refuses non-finite weights."""
+        """Write the checkpoint (the previous last.pt is kept as last.prev.pt). Refuses non-finite weights."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise RuntimeError(f"step {self.step}: the weights are not finite; not overwriting the checkpoint")
         path = path or self.config.run_dir / "last.pt"
-        if path.exists():
+        if path.exists() and path.name == "last.pt":
             path.replace(path.with_suffix(".prev.pt"))
         tmp = path.with_suffix(".tmp")
         torch.save({"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "step": self.step, "curve": self.curve, "rng": self.rng.bit_generator.state,
+                    "step": self.step, "curve": self.curve, "best": self.best, "rng": self.rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "config": self.config.to_dict(), **self.extra_state()}, tmp)
         tmp.replace(path)
         (self.config.run_dir / "curve.json").write_text(json.dumps(self.curve, indent=1))
@@ -173,12 +178,21 @@ class TrainingRun:
             raise ValueError(f"{path} is a {state.get('kind', 'separator')} checkpoint, not a {self.kind} one")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.curve = state["step"], state["curve"]
+        self.step, self.curve, self.best = state["step"], state["curve"], state.get("best")
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- steps ----------------------------------------------------------------------------------------------------
+    def _keep_if_best(self, result: dict) -> None:
+        value = result.get(self.best_metric)
+        if value is None:
+            return
+        if self.best is None or (value > self.best if self.higher_is_better else value < self.best):
+            self.best = value
+            self.save(self.config.run_dir / "best.pt")
+            log.info("best %s so far (%.3f): %s", self.best_metric, value, self.config.run_dir / "best.pt")
+
     def learning_rate(self) -> float:
         c = self.config
         if self.step < c.warmup_steps:
@@ -245,6 +259,7 @@ class TrainingRun:
                     log_file.flush()
                     log.info("validation at step %d: %s", self.step,
                              ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
+                    self._keep_if_best(result)
             if (time.monotonic() - last_checkpoint) / 60 >= c.checkpoint_minutes:
                 self.save()
                 last_checkpoint = time.monotonic()
@@ -252,6 +267,7 @@ class TrainingRun:
 
 class SeparatorTrainer(TrainingRun):
     kind = "separator"
+    best_metric = "si_sdr_i"
 
     def __init__(self, config: SeparatorTrainConfig) -> None:
         from stemquery.model.data.dataset import TripleSampler, load_corpus

@@ -84,6 +84,7 @@ def vae_losses(vae: TimbrePitchVAE, specs: torch.Tensor, rolls: torch.Tensor, co
 
 class VAETrainer(TrainingRun):
     kind = "vae"
+    best_metric, higher_is_better = "total", False
 
     def __init__(self, config: VAETrainConfig) -> None:
         from stemquery.model.data.dataset import load_corpus
@@ -143,6 +144,7 @@ def load_vae_checkpoint(path: Path) -> TimbrePitchVAE:
 
 class RefinerTrainer(TrainingRun):
     kind = "refiner"
+    best_metric = "snr_refined"
 
     def __init__(self, config: RefinerTrainConfig) -> None:
         from stemquery.model.data.dataset import TripleSampler, load_corpus

@@ -53,6 +53,8 @@ def test_train_checkpoint_resume_export(tmp_path):
     trainer = SeparatorTrainer(config)
     trainer.run()
     assert trainer.step == 3 and (tmp_path / "run" / "last.pt").exists()
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert best["step"] == 2 and best["best"] == trainer.curve[0]["si_sdr_i"] == trainer.best
     saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
     resumed = SeparatorTrainer(dataclasses.replace(config, max_steps=5))
