@@ -99,7 +99,8 @@ def bsmamba_separator(system: str):
         options.update(refine=True, steps=int(system.rpartition("refine")[2]))
         if not weights_paths(REFINER_NAME)[0].exists():
             from stemquery.model.refiner import LatentRefiner
-            from stemquery.model.train_refiner import RefinerTrainConfig, VAETrainConfig, save_refiner
+            from stemquery.model.refiner import save_refiner
+            from stemquery.model.train_refiner import RefinerTrainConfig, VAETrainConfig
             from stemquery.model.vae import TimbrePitchVAE
 
             vae = TimbrePitchVAE(VAETrainConfig.load(Path("model/configs/vae.toml")).model)

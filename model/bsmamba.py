@@ -4,9 +4,10 @@
              → per-band complex mask → × mix STFT → iSTFT
 
 The query clips go through their own band split of log magnitudes and a BiMamba2 over time, pooled over time
-(mean and standard deviation) into one embedding (several clips: their embeddings averaged). Conditioning is Hyper-FiLM (a hypernetwork turns the
-embedding into per-band scales and shifts for every block) or plain FiLM (one linear map per block, the same for
-every band), selectable for the ablation.
+(mean and standard deviation) into one embedding (several clips: their embeddings averaged). Conditioning is
+Hyper-FiLM (a hypernetwork turns the embedding into per-band scales and shifts for every block) or plain FiLM
+(one linear map per block, the same for every band), selectable for the ablation; and at the input, each bin's
+mix level against the query's long-term spectrum.
 
 The network works on spectrograms; the STFT and chunking live in the engine (`engines/bsmamba.py`).
 """
@@ -111,8 +112,8 @@ class QueryEncoder(nn.Module):
     spectrum, and complex values with their arbitrary phases average to nothing when pooled over time (the first
     design did that: its embeddings of different instruments were 99.6 % alike, and the separator could not tell
     what was asked for). Per band: the channel-averaged log power of each bin relative to the clip's mean power
-    (so the clip's gain does not matter), a Linear, a BiMamba over time; then the mean and standard deviation over time of
-    every band (statistics pooling), joined across bands, through an MLP.
+    (so the clip's gain does not matter), a Linear, a BiMamba over time; then the mean and standard deviation over
+    time of every band (statistics pooling), joined across bands, through an MLP.
     """
 
     def __init__(self, config: BSMambaConfig, bands: list[tuple[int, int]]) -> None:

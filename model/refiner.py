@@ -10,13 +10,15 @@ Schedulers are diffusers': DDPM's noise schedule for training, DDIM or DPM-Solve
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from torch import nn
 
-from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE
+from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 #: The refined band gain is kept in [0, GAIN_MAX]: the refiner may remove a lot, but add back only so much.
@@ -120,3 +122,22 @@ class LatentRefiner(nn.Module):
         gain = (refined / (estimate + 1e-4)).clamp(0.0, GAIN_MAX)
         return estimate_spec * (1 - blend + blend * self.vae.bands.to_bins(gain))
 
+
+def save_refiner(refiner: LatentRefiner, path: Path, extra: dict | None = None) -> None:
+    """VAE and UNet in one safetensors file, both configs in the JSON beside it."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in refiner.state_dict().items()}
+    save_file(state, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(
+        {"vae": refiner.vae.config.to_dict(), "refiner": refiner.config.to_dict(), **(extra or {})}, indent=1))
+
+
+def load_refiner(path: Path, device: torch.device | str = "cpu") -> LatentRefiner:
+    from safetensors.torch import load_file
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    refiner = LatentRefiner(RefinerConfig.from_dict(meta["refiner"]), TimbrePitchVAE(VAEConfig.from_dict(meta["vae"])))
+    refiner.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
+    return refiner.to(device).eval()

@@ -320,7 +320,8 @@ def _export_separator(state: dict, out: Path, provenance: dict) -> None:
 
 
 def _export_refiner(state: dict, out: Path, provenance: dict) -> None:
-    from stemquery.model.train_refiner import refiner_from_state, save_refiner
+    from stemquery.model.refiner import save_refiner
+    from stemquery.model.train_refiner import refiner_from_state
 
     save_refiner(refiner_from_state(state), out, extra=provenance)
 

@@ -10,7 +10,6 @@ Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,23 +213,3 @@ def refiner_from_state(state: dict) -> LatentRefiner:
                             TimbrePitchVAE(VAEConfig.from_dict(state["vae_config"])))
     refiner.load_state_dict(state["model"])
     return refiner
-
-
-def save_refiner(refiner: LatentRefiner, path: Path, extra: dict | None = None) -> None:
-    """VAE and UNet in one safetensors file, both configs in the JSON beside it."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in refiner.state_dict().items()}
-    save_file(state, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps(
-        {"vae": refiner.vae.config.to_dict(), "refiner": refiner.config.to_dict(), **(extra or {})}, indent=1))
-
-
-def load_refiner(path: Path, device: torch.device | str = "cpu") -> LatentRefiner:
-    from safetensors.torch import load_file
-
-    meta = json.loads(path.with_suffix(".json").read_text())
-    refiner = LatentRefiner(RefinerConfig.from_dict(meta["refiner"]), TimbrePitchVAE(VAEConfig.from_dict(meta["vae"])))
-    refiner.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
-    return refiner.to(device).eval()

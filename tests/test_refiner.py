@@ -15,7 +15,8 @@ from stemquery.model.engines import bsmamba as engine_module
 from stemquery.model.engines.bsmamba import REFINER_NAME, save_weights
 from stemquery.model.refiner import LatentRefiner, RefinerConfig
 from stemquery.model.stft import STFT
-from stemquery.model.train_refiner import VAETrainConfig, load_refiner, save_refiner, vae_losses
+from stemquery.model.refiner import load_refiner, save_refiner
+from stemquery.model.train_refiner import VAETrainConfig, vae_losses
 from stemquery.model.vae import TimbrePitchVAE, VAEConfig
 
 TINY_VAE = dict(bands=32, block_channels=(8, 16, 16), pitches=128)

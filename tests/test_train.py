@@ -14,10 +14,9 @@ from stemquery.model.evaluate import build_evalset
 from stemquery.model.data.dataset import load_corpus, piano_roll
 from stemquery.model.engines.bsmamba import save_weights
 from stemquery.model.bsmamba import BSMamba
-from stemquery.model.refiner import RefinerConfig
+from stemquery.model.refiner import RefinerConfig, load_refiner
 from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, export
-from stemquery.model.train_refiner import (RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer,
-                                           load_refiner)
+from stemquery.model.train_refiner import RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer
 from stemquery.model.vae import VAEConfig
 from test_refiner import TINY_REFINER, TINY_SEPARATOR, TINY_VAE
 

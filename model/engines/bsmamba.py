@@ -79,7 +79,7 @@ class BSMambaEngine(Engine):
         self.seed = seed
 
     def _load_refiner(self, weights: str | Path | None, steps: int | None):
-        from stemquery.model.train_refiner import load_refiner
+        from stemquery.model.refiner import load_refiner
 
         path = Path(weights) if weights else weights_paths(REFINER_NAME)[0]
         if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".json").exists():
