@@ -13,7 +13,6 @@ import click
 from stemquery.daw_bridge.jobs import SeparationRequest, run_separation
 from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines
 from stemquery.model.api import resolve_device
-from stemquery.model.engines import engine_class
 
 VERSION = package_version("stemquery")
 
@@ -81,8 +80,6 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
     try:
         from stemquery.model import Separator
 
-        if refine and (reason := engine_class(engine).refine_unavailable_reason()):
-            raise StemqueryError(f"--refine: {reason}")
         separator = Separator(engine, device=resolve_device(device), **request.engine_options)
         paths = run_separation(separator, request, progress=progress)
     except StemqueryError as exc:

@@ -108,8 +108,9 @@ def validate_spec(raw: dict) -> dict:
         raise SpecError(f"steps must be between 1 and 100, got {spec['steps']}")
     if spec["steps"] is not None and not spec["refine"]:
         raise SpecError("steps only applies with refine 1")
-    if spec["refine"]:
-        reason = engine_class(spec["engine"] or "bsmamba").refine_unavailable_reason()
+    if spec["refine"] and spec["engine"] is not None:
+        # An early answer when the engine is named; with the server's default engine, the job itself says why.
+        reason = engine_class(spec["engine"]).refine_unavailable_reason()
         if reason:
             raise SpecError(f"refine: {reason}")
     return spec

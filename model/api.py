@@ -97,6 +97,8 @@ class Separator:
 
     def __init__(self, engine: str = DEFAULT_ENGINE, *, device: str | torch.device = "auto", **options) -> None:
         cls = engine_class(engine)
+        if options.get("refine") and not cls.can_refine:
+            raise StemqueryError(cls.refine_unavailable_reason())
         self.device = resolve_device(device)
         self.engine = cls(device=self.device, **options)
         log.info("engine %s ready on %s", engine, self.device)

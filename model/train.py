@@ -341,7 +341,6 @@ def export(checkpoint: Path, out: Path) -> None:
                                  "train_config": state["config"]})
 
 
-
 def plot_curves(runs: list[Path], metric: str, out: Path) -> None:
     """Validation `metric` against steps for each run directory (its curve.json), one line each (matplotlib)."""
     import matplotlib

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import RATE, tone_sequence
 from stemquery.daw_bridge.cli import main
 from stemquery.daw_bridge.spec import SpecError, validate_spec
-from stemquery.model import Separator
+from stemquery.model import Separator, StemqueryError
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig
 from stemquery.model.engines import bsmamba as engine_module
 from stemquery.model.engines.bsmamba import REFINER_NAME, save_weights
@@ -149,7 +149,7 @@ def test_refine_through_the_cli(tiny_shipped, write_audio, two_sources, tmp_path
     assert not np.allclose(plain, refined)
 
 
-def test_refine_errors_are_specific(tiny_shipped, write_audio, two_sources, tmp_path, monkeypatch):
+def test_refine_errors_are_specific(tiny_shipped, write_audio, two_sources, tmp_path):
     mix, _, query = two_sources
     args = ["separate", str(write_audio("m.wav", mix)), "-q", str(write_audio("q.wav", query)), "-o", str(tmp_path)]
     result = CliRunner().invoke(main, args + ["--engine", "nmf", "--refine"])
@@ -162,11 +162,14 @@ def test_refine_errors_are_specific(tiny_shipped, write_audio, two_sources, tmp_
     with pytest.raises(SpecError, match="between 1 and 100"):
         validate_spec({"mix": "m.wav", "query": "q.wav", "refine": 1, "steps": 0})
     assert validate_spec({"mix": "m.wav", "query": "q.wav", "engine": "bsmamba", "refine": "1", "steps": 4})["refine"]
-    monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path / "none")
+    for shipped in tmp_path.glob(f"{REFINER_NAME}.*"):  # the separator ships, its refiner does not
+        shipped.unlink()
     with pytest.raises(SpecError, match="no trained refiner shipped"):
         validate_spec({"mix": "m.wav", "query": "q.wav", "engine": "bsmamba", "refine": 1})
     result = CliRunner().invoke(main, args + ["--engine", "bsmamba", "--refine"])
-    assert result.exit_code != 0 and "no trained refiner shipped" in result.output
+    assert result.exit_code != 0 and "refiner weights" in result.output and "not found" in result.output
+    with pytest.raises(StemqueryError, match="engine nmf has no refiner"):
+        Separator("nmf", device="cpu", refine=True)
 
 
 def test_eval_scores_separator_alone_and_refined_side_by_side(tiny_shipped, tmp_path):

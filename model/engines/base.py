@@ -30,6 +30,8 @@ class Engine(abc.ABC):
     segment_seconds: ClassVar[float] = 20.0
     #: Fraction of each segment shared with its neighbour and cross-faded.
     overlap: ClassVar[float] = 0.25
+    #: Whether the engine takes `refine=True` (the diffusion refiner after it).
+    can_refine: ClassVar[bool] = False
 
     def __init__(self, *, device: torch.device) -> None:
         self.device = device
@@ -58,8 +60,8 @@ class Engine(abc.ABC):
 
     @classmethod
     def refine_unavailable_reason(cls) -> str | None:
-        """Why this engine cannot run with the diffusion refiner, or None when it can."""
-        return f"engine {cls.name} has no refiner; the refiner works after the bsmamba engine"
+        """Why this engine cannot run with its shipped diffusion refiner, or None when it can."""
+        return None if cls.can_refine else f"engine {cls.name} has no refiner; the refiner works after bsmamba"
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class BSMambaEngine(Engine):
     description = "query-conditioned band-split Mamba-2 network (trained here)"
     segment_seconds = 8.0
     overlap = 0.125
+    can_refine = True
 
     def __init__(self, *, device: torch.device, weights: str | Path | None = None, refine: bool = False,
                  steps: int | None = None, refiner_weights: str | Path | None = None, seed: int = 0) -> None:
