@@ -39,8 +39,9 @@ class BSMambaConfig:
     query_dim: int = 128
     query_layers: int = 1
     conditioning: str = "hyperfilm"  # or "film"
-    #: Scan chunk: 32 trains fastest on CPU, 64 infers fastest.
-    chunk: int = 64
+    #: Scan chunk (the weights do not depend on it): 32 is the fastest on CPU for training and inference alike
+    #: (docs/performance.md).
+    chunk: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,13 +22,12 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x = x * F.silu(z)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x * F.silu(z), (x.shape[-1],), self.weight, self.eps)
 
 
 class Mamba2(nn.Module):
     def __init__(self, d_model: int, *, d_state: int = 32, d_conv: int = 4, expand: int = 2, headdim: int = 32,
-                 chunk: int = 64, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+                 chunk: int = 32, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         super().__init__()
         self.d_inner = expand * d_model
         if self.d_inner % headdim:

@@ -52,14 +52,17 @@ def chunked_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     *,
-    chunk: int = 64,
+    chunk: int = 32,
     initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SSD without D. x (b, l, h, p); dt (b, l, h) (already softplus'd); A (h,) negative; B, C (b, l, 1, n)
     (one group, shared by all heads).
 
-    Returns y (b, l, h, p) and the final state (b, h, p, n). Written as batched matmuls over
-    (batch, head, chunk), so no einsum reshuffles the operands behind our back.
+    Returns y (b, l, h, p) and the final state (b, h, p, n), or None for it with `return_final_state=False`:
+    then a sequence of one chunk from a zero state needs no states at all (the band-axis layers: 37 % of the
+    separator's time, docs/performance.md). Written as batched matmuls over (batch, head, chunk), so no einsum
+    reshuffles the operands behind our back.
     """
     batch, length, heads, headdim = x.shape
     if B.shape[2] != 1:
@@ -67,7 +70,8 @@ def chunked_scan(
     pad = (-length) % chunk
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    xdt = rearrange(x * dt[..., None], "b (c q) h p -> b h c q p", q=chunk)
+    # Contiguous once: it is the right operand of two matmuls, which would each copy a strided view.
+    xdt = rearrange(x * dt[..., None], "b (c q) h p -> b h c q p", q=chunk).contiguous()
     B = rearrange(B, "b (c q) g n -> b g c q n", q=chunk)  # g = 1 broadcasts over heads
     C = rearrange(C, "b (c q) g n -> b g c q n", q=chunk)
     cumulative = torch.cumsum(rearrange(dt * A, "b (c q) h -> b h c q", q=chunk), dim=-1)
@@ -75,6 +79,8 @@ def chunked_scan(
     # 1. within each chunk: y = (C Bᵀ ∘ decay) x
     scores = (C @ B.transpose(-1, -2)) * segment_decay(cumulative)  # (b, h, c, q, q)
     y = scores @ xdt  # (b, h, c, q, p)
+    if initial_state is None and not return_final_state and xdt.shape[2] == 1:
+        return rearrange(y, "b h c q p -> b (c q) h p")[:, :length], None
 
     # 2. each chunk's contribution to the state at its end, as (n, p)
     to_end = torch.exp(cumulative[..., -1:] - cumulative)  # (b, h, c, q)
@@ -92,7 +98,7 @@ def chunked_scan(
     # 4. the state entering each chunk, read out at every step of it
     y = y + (C * torch.exp(cumulative)[..., None]) @ entering
     y = rearrange(y, "b h c q p -> b (c q) h p")[:, :length]
-    return y, final_state.transpose(-1, -2)
+    return y, final_state.transpose(-1, -2) if return_final_state else None
 
 
 def sequential_scan(
@@ -115,12 +121,12 @@ def sequential_scan(
 
 def ssd_scan(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-    *, chunk: int = 64,
+    *, chunk: int = 32,
 ) -> torch.Tensor:
     """y = SSD(x) + D·x, on mamba-ssm's fused kernel for CUDA tensors when it is installed."""
     if x.is_cuda:
         kernel = _cuda_kernel()
         if kernel is not None:
             return kernel(x, dt, A, B, C, chunk_size=chunk, D=D)
-    y, _ = chunked_scan(x, dt, A, B, C, chunk=chunk)
-    return y + x * D[:, None]
+    y, _ = chunked_scan(x, dt, A, B, C, chunk=chunk, return_final_state=False)
+    return torch.addcmul(y, x, D[:, None])

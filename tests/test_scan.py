@@ -31,6 +31,16 @@ def test_chunked_scan_equals_sequential_outputs_and_state(length, chunk):
     assert relative_error(final, final_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("length, chunk", [(32, 32), (29, 32), (77, 16)])
+def test_ssd_scan_from_zero_state_equals_sequential_plus_skip(length, chunk):
+    """`ssd_scan` asks for no final state, which skips the state passes on a one-chunk sequence (the band axis)."""
+    x, dt, A, B, C, _ = random_inputs(length=length)
+    D = torch.randn(x.shape[2])
+    y_ref, _ = sequential_scan(x, dt, A, B, C)
+    assert chunked_scan(x, dt, A, B, C, chunk=chunk, return_final_state=False)[1] is None
+    assert relative_error(ssd_scan(x, dt, A, B, C, D, chunk=chunk), y_ref + x * D[:, None]) <= 1e-5
+
+
 def test_chunked_scan_gradients_equal_sequential():
     inputs = random_inputs(length=45)
     leaves = [t.clone().requires_grad_(True) for t in inputs]

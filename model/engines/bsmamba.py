@@ -36,15 +36,11 @@ def save_weights(model: BSMamba, path: Path, extra: dict | None = None) -> None:
     path.with_suffix(".json").write_text(json.dumps({"config": model.config.to_dict(), **(extra or {})}, indent=1))
 
 
-#: Scan chunk length for inference (training uses 32; the weights do not depend on it).
-INFERENCE_CHUNK = 64
-
-
 def load_model(path: Path, device: torch.device | str = "cpu") -> BSMamba:
     from safetensors.torch import load_file
 
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = BSMamba(BSMambaConfig.from_dict({**meta["config"], "chunk": INFERENCE_CHUNK}))
+    model = BSMamba(BSMambaConfig.from_dict(meta["config"]))
     model.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
     return model.to(device).eval()
 
@@ -59,8 +55,10 @@ class QueryState:
 class BSMambaEngine(Engine):
     name = "bsmamba"
     description = "query-conditioned band-split Mamba-2 network (trained here)"
-    segment_seconds = 8.0
-    overlap = 0.125
+    # Long segments with a 1 s cross-fade: every overlap is computed twice, and the network's quality does not
+    # depend on the segment length (val SI-SDRi within 0.1 dB for 4, 8 and 20 s: docs/performance.md).
+    segment_seconds = 20.0
+    overlap = 0.05
     can_refine = True
 
     def __init__(self, *, device: torch.device, weights: str | Path | None = None, refine: bool = False,
