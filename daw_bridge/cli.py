@@ -225,7 +225,9 @@ def evalset(corpus, out, cases, seed, segment, query_length) -> None:
               help="Write results.json and results.md here [default: EVAL_SET/results].")
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--recompute", is_flag=True, help="Ignore per-engine results cached under OUT/cache.")
+@click.option("--recompute", is_flag=True,
+              help="Ignore per-engine results cached under OUT/cache (after a code change: the cache is keyed by "
+                   "weights and options, not by code).")
 def evaluate_command(eval_set, engines, out, limit, device, recompute) -> None:
     """Score engines on an eval set: SNR, SI-SDR, SDR and their improvement over the mix, and RTF.
 

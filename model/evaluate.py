@@ -141,8 +141,8 @@ def parse_engine_spec(text: str) -> tuple[str, dict]:
 
 
 def engine_fingerprint(separator) -> str:
-    """What an engine's results depend on besides the case: how it runs (its label and overlap-add segments) and
-    its configuration or weights (the refiner's too)."""
+    """What an engine's results depend on besides the case: how it runs (its label) and its configuration or
+    weights (the refiner's too)."""
     import hashlib
 
     engine = separator.engine
@@ -151,8 +151,7 @@ def engine_fingerprint(separator) -> str:
         identity = ":".join(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if f)
     else:
         identity = repr(getattr(engine, "config", ""))
-    running = f"{engine.label}:{engine.segment_seconds}:{engine.overlap}"
-    return hashlib.sha256(f"{running}:{identity}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{engine.label}:{identity}".encode()).hexdigest()[:16]
 
 
 def _file_name(engine_spec: str) -> str:
