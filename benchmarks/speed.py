@@ -168,9 +168,13 @@ def main() -> None:
     reference = {r["seconds"]: r["rtf"] for r in rows if r["system"] == "htdemucs"}
     for row in rows:
         row["speedup_vs_htdemucs"] = reference[row["seconds"]] / row["rtf"] if row["seconds"] in reference else None
+    import torch
+
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "threads": args.threads, "torch_threads_env": env["OMP_NUM_THREADS"],
-              "note": WEIGHTS_NOTE, "rows": rows}
+              "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+              "allocator": os.environ.get("LD_PRELOAD") or "glibc malloc",
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "note": WEIGHTS_NOTE,
+              "gpu": "not measured: every row is on the CPU (this script does not time CUDA)", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print()

@@ -7,6 +7,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from stemquery.model.parallel import SliceParallel
+
 
 def musical_bands(bins: int, sample_rate: int, count: int, *, min_width: int = 2) -> list[tuple[int, int]]:
     """`count` contiguous (start, stop) bin ranges covering all `bins`, with edges evenly spaced on the mel scale."""
@@ -46,7 +48,8 @@ class BandSplit(nn.Module):
         self.projections = nn.ModuleList(nn.Linear(width + 1 + per_bin * (stop - start), dim)
                                          for width, (start, stop) in zip(widths, bands))
 
-    def forward(self, spec: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, spec: torch.Tensor, extra: torch.Tensor | None = None,
+                parallel: SliceParallel | None = None) -> torch.Tensor:
         if (extra is None) != (self.per_bin == 0):
             raise ValueError(f"this band split takes {self.per_bin} extra feature(s) per bin")
         features = torch.view_as_real(spec)  # (b, c, f, t, 2)
@@ -54,14 +57,15 @@ class BandSplit(nn.Module):
         power = torch.stack([band.float().pow(2).mean(-1) for band in bands], dim=1)  # (b, k, t)
         reference = power.mean(dim=(1, 2), keepdim=True)
         level = (10 * torch.log10((power + 1e-12) / (reference + 1e-12)) / 50).clamp(min=-2.0)
-        out = []
-        for index, ((start, stop), band, norm, projection) in enumerate(
-                zip(self.bands, bands, self.norms, self.projections)):
-            parts = [norm(band), level[:, index, :, None].to(band.dtype)]
+
+        def project(index: int) -> torch.Tensor:
+            (start, stop), band = self.bands[index], bands[index]
+            parts = [self.norms[index](band), level[:, index, :, None].to(band.dtype)]
             if extra is not None:
                 parts.append(rearrange(extra[..., start:stop, :], "b e f t -> b t (e f)").to(band.dtype))
-            out.append(projection(torch.cat(parts, dim=-1)))
-        return torch.stack(out, dim=1)
+            return self.projections[index](torch.cat(parts, dim=-1))
+
+        return torch.stack(list((parallel.map if parallel else map)(project, range(len(bands)))), dim=1)
 
 
 class MaskEstimator(nn.Module):
@@ -88,8 +92,9 @@ class MaskEstimator(nn.Module):
             value[:, 0], value[:, 1] = 1.0, 0.0
             linear.bias[half:] = 3.0  # GLU gate sigmoid(3) ≈ 0.95
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masks = []
-        for index, layer in enumerate(self.layers):
-            masks.append(rearrange(layer(x[:, index]), "b t (c f z) -> b c f t z", c=self.channels, z=2))
-        return torch.view_as_complex(torch.cat(masks, dim=2).float().contiguous())
+    def forward(self, x: torch.Tensor, parallel: SliceParallel | None = None) -> torch.Tensor:
+        def band_mask(index: int) -> torch.Tensor:
+            return rearrange(self.layers[index](x[:, index]), "b t (c f z) -> b c f t z", c=self.channels, z=2)
+
+        masks = (parallel.map if parallel else map)(band_mask, range(len(self.layers)))
+        return torch.view_as_complex(torch.cat(list(masks), dim=2).float().contiguous())

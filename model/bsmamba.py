@@ -22,6 +22,7 @@ from torch import nn
 
 from stemquery.model.bands import BandSplit, MaskEstimator, musical_bands
 from stemquery.model.mamba2 import BiMamba2
+from stemquery.model.parallel import SliceParallel, whole
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,11 @@ class Block(nn.Module):
         self.band = BiMamba2(config.dim, **{**mamba, "expand": 1, "chunk": bands})
         self.film = CONDITIONING[config.conditioning](config.query_dim, config.dim, bands)
 
-    def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query: torch.Tensor, parallel: SliceParallel | None = None) -> torch.Tensor:
+        run = parallel or whole
         batch, bands = x.shape[:2]
-        x = rearrange(self.time(rearrange(x, "b k t d -> (b k) t d")), "(b k) t d -> b k t d", k=bands)
-        x = rearrange(self.band(rearrange(x, "b k t d -> (b t) k d")), "(b t) k d -> b k t d", b=batch)
+        x = rearrange(run(self.time, rearrange(x, "b k t d -> (b k) t d")), "(b k) t d -> b k t d", k=bands)
+        x = rearrange(run(self.band, rearrange(x, "b k t d -> (b t) k d")), "(b t) k d -> b k t d", b=batch)
         return self.film(x, query)
 
 
@@ -171,14 +173,17 @@ class BSMamba(nn.Module):
         conditions = [self.query_encoder(spec) for spec in query_specs]
         return QueryCondition(*(torch.stack(parts).mean(dim=0) for parts in zip(*conditions)))
 
-    def forward(self, mix_spec: torch.Tensor, query: QueryCondition) -> torch.Tensor:
+    def forward(self, mix_spec: torch.Tensor, query: QueryCondition, *,
+                parallel: SliceParallel | None = None) -> torch.Tensor:
         """Complex mix STFT (batch, channels, bins, frames) → complex target STFT, same shape.
 
         Each band's input holds, per bin, how far the mix's relative log power is above the query's long-term
         spectrum: a direct "does this look like the query" cue from the first layer on. With the query reaching the
-        network only through FiLM, it stayed a constant ~0.85 × mix for 800 steps (docs/results.md)."""
+        network only through FiLM, it stayed a constant ~0.85 × mix for 800 steps (docs/results.md).
+        `parallel` runs the per-band maps and the sequence layers slice by slice on worker threads (CPU inference:
+        `model/parallel.py`)."""
         match = (relative_log_power(mix_spec) - query.profile[..., None])[:, None]  # (b, 1, f, t)
-        x = self.split(mix_spec, match)
+        x = self.split(mix_spec, match, parallel)
         for block in self.blocks:
-            x = block(x, query.embedding)
-        return self.mask(x) * mix_spec
+            x = block(x, query.embedding, parallel)
+        return self.mask(x, parallel) * mix_spec

@@ -12,6 +12,7 @@ from stemquery.model.bands import musical_bands
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig
 from stemquery.model.engines import bsmamba as engine_module
 from stemquery.model.engines.bsmamba import load_model, save_weights
+from stemquery.model.parallel import SliceParallel
 from stemquery.model.stft import STFT
 from stemquery.model.train import separation_loss
 
@@ -129,6 +130,24 @@ def test_weights_round_trip_gives_identical_outputs(tiny_weights):
     with torch.no_grad():
         torch.testing.assert_close(loaded(mix, loaded.embed_queries([query])),
                                    model(mix, model.embed_queries([query])), rtol=1e-5, atol=1e-6)
+
+
+def test_slice_parallel_inference_equals_the_whole_batch(tiny_weights):
+    """The engine's CPU path runs the sequence layers slice by slice on worker threads: same result."""
+    model, _ = tiny_weights
+    stft = STFT(model.config.n_fft, model.config.hop)
+    mix, query = stft.forward(torch.randn(1, 2, 40000)), stft.forward(torch.randn(1, 2, 9000))
+    parallel = SliceParallel(2, rows=32)  # slices of 1 band along time, 4 frames along the bands
+    model.eval()
+    try:
+        with torch.inference_mode():
+            condition = model.embed_queries([query])
+            torch.testing.assert_close(model(mix, condition, parallel=parallel), model(mix, condition),
+                                       rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="inference"):
+            model(mix, model.embed_queries([query]), parallel=parallel)
+    finally:
+        parallel.close()
 
 
 def test_engine_through_api_keeps_shape_and_sums(tiny_weights, two_sources):

@@ -12,6 +12,7 @@ import torch
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig, QueryCondition
 from stemquery.model.engines.base import Engine, StepProgress, no_progress, register_engine
 from stemquery.model.errors import StemqueryError
+from stemquery.model.parallel import SliceParallel
 from stemquery.model.stft import STFT
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class BSMambaEngine(Engine):
                                  "not found; train them with `stemquery train separator` or use --engine nmf")
         self.weights_path = path.with_suffix(".safetensors")
         self.model = load_model(path, device)
+        threads = torch.get_num_threads()
+        self.parallel = SliceParallel(threads) if self.device.type == "cpu" and threads > 1 else None
         self.stft = STFT(self.model.config.n_fft, self.model.config.hop)
         self.sample_rate = self.model.config.sample_rate
         self.refiner_path: Path | None = None
@@ -130,7 +133,7 @@ class BSMambaEngine(Engine):
     def separate_segment(self, mix: torch.Tensor, query: QueryState,
                          progress: StepProgress = no_progress) -> torch.Tensor:
         spec = self._stereo_spec(mix)
-        estimate = self.model(spec, query.condition)
+        estimate = self.model(spec, query.condition, parallel=self.parallel)
         if self.refiner is not None:
             progress(0.2)
             generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
