@@ -7,7 +7,8 @@ Set-up: `pip install -e '.[bench]' && pip install --no-deps demucs==4.1.0`.
 
 Each (system, length) is measured in a fresh subprocess: load, one warm-up on 2 s (not timed), then `--runs`
 timed separations of stereo 44.1 kHz noise-like music of that length; the median wall time is reported, with
-the real-time factor (wall / audio seconds) and the process's peak RSS. Ratios are to HTDemucs at the same
+the real-time factor (wall / audio seconds) and the process's peak RSS, which includes the mix and the two stems
+it returns (three copies of the audio, shown beside it). Ratios are to HTDemucs at the same
 length: absolute times on a shared machine drift, ratios measured in one run hold.
 
 Peers: HTDemucs from the `demucs` package (4.1.0 imports without torchaudio) with RANDOM weights, since its
@@ -37,15 +38,19 @@ WEIGHTS_NOTE = "HTDemucs: random weights (speed does not depend on weight values
 
 
 def test_signal(seconds: float, seed: int = 0):
-    """Harmonic tones with noise bursts: a stand-in for music (speed does not depend on the content)."""
+    """Harmonic tones with noise bursts: a stand-in for music (speed does not depend on the content). Built in
+    float32, 10 s at a time, so that making it does not set the process's peak RSS."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    n = int(seconds * RATE)
-    t = np.arange(n) / RATE
-    tones = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate(rng.uniform(80, 2000, 6), 1))
-    noise = rng.standard_normal(n) * (np.sin(2 * np.pi * 2 * t) > 0.5)
-    mono = (0.2 * tones + 0.05 * noise).astype(np.float32)
+    frequencies = rng.uniform(80, 2000, 6)
+    total, block = int(seconds * RATE), 10 * RATE
+    mono = np.empty(total, np.float32)
+    for start in range(0, total, block):
+        t = np.arange(start, min(total, start + block)) / RATE
+        tones = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate(frequencies, 1))
+        noise = rng.standard_normal(t.size) * (np.sin(2 * np.pi * 2 * t) > 0.5)
+        mono[start: start + t.size] = 0.2 * tones + 0.05 * noise
     return np.stack([mono, 0.8 * mono]), np.stack([mono[: 4 * RATE]] * 2)
 
 
@@ -127,7 +132,7 @@ def measure(system: str, seconds: float, runs: int) -> dict:
     wall = statistics.median(times)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"system": system, "seconds": seconds, "runs": runs, "wall_s": wall, "rtf": wall / seconds,
-            "peak_rss_mb": peak_mb, "times": times, "note": note}
+            "peak_rss_mb": peak_mb, "audio_mb": mix.nbytes / 2**20, "times": times, "note": note}
 
 
 def child(args) -> None:
@@ -196,6 +201,10 @@ def plot_scaling(report: dict, path: Path) -> None:
         lengths = [r["seconds"] for r in rows]
         time_axis.loglog(lengths, [r["wall_s"] for r in rows], "o-", label=system)
         memory_axis.semilogx(lengths, [r["peak_rss_mb"] for r in rows], "o-", label=system)
+    lengths = sorted({r["seconds"] for r in report["rows"]})
+    audio_mb = {r["seconds"]: r["audio_mb"] for r in report["rows"]}
+    memory_axis.semilogx(lengths, [3 * audio_mb[s] for s in lengths], "k--", label="mix + target + residual")
+    memory_axis.legend(fontsize=8)
     time_axis.set(xlabel="audio length (s, stereo 44.1 kHz)", ylabel="wall time (s, median)",
                   title=f"time ({report['threads']} threads)")
     memory_axis.set(xlabel="audio length (s)", ylabel="peak RSS (MB)", title="memory")
@@ -206,12 +215,12 @@ def plot_scaling(report: dict, path: Path) -> None:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| system | audio | wall (median) | RTF | × faster than HTDemucs | peak RSS |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| system | audio | wall (median) | RTF | × faster than HTDemucs | peak RSS | of which mix + stems |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         ratio = f"{r['speedup_vs_htdemucs']:.1f}×" if r["speedup_vs_htdemucs"] else "n/a"
         lines.append(f"| {r['system']} | {r['seconds']:.0f} s | {r['wall_s']:.2f} s | {r['rtf']:.4f} | {ratio} | "
-                     f"{r['peak_rss_mb']:.0f} MB |")
+                     f"{r['peak_rss_mb']:.0f} MB | {3 * r['audio_mb']:.0f} MB |")
     return "\n".join(lines)
 
 

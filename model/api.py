@@ -201,4 +201,4 @@ class Separator:
             out[:, start: start + chunk.shape[-1]] += estimate * weight
             weights[start: start + chunk.shape[-1]] += weight
             progress((index + 1) / len(starts))
-        return out / weights
+        return out.div_(weights)  # in place: at 10 minutes of stereo each copy is 200 MB

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stemquery.model.parallel import SliceParallel
 from stemquery.model.refiner import LatentRefiner, RefinerConfig
 from stemquery.model.stft import STFT
 from stemquery.model.train import RunConfig, TrainingRun
@@ -155,6 +156,8 @@ class RefinerTrainer(TrainingRun):
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
         super().__init__(config, model, trainable)
         self.separator = load_model(config.separator_weights.with_suffix(".safetensors")).requires_grad_(False)
+        # The frozen separator runs without autograd: on CPU its fast inference path applies (model/parallel.py).
+        self.parallel = SliceParallel(config.threads) if config.threads > 1 else None
         separator_config = self.separator.config
         if (separator_config.n_fft, separator_config.hop) != (vae.config.n_fft, vae.config.hop):
             raise ValueError("the VAE and the separator must share their STFT (n_fft, hop)")
@@ -169,7 +172,7 @@ class RefinerTrainer(TrainingRun):
         with torch.no_grad():
             mix_spec = self.stft.forward(mixture)
             query_spec = self.stft.forward(query)
-            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]))
+            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
             z_target, z_mix, z_estimate = (vae.encode(spec, multiple)
                                            for spec in (self.stft.forward(target), mix_spec, estimate))
             timbre = vae.timbre_embedding(query_spec)
@@ -194,7 +197,7 @@ class RefinerTrainer(TrainingRun):
             case = read_case(folder)
             mix_spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
             query_spec = self.stft.forward(torch.from_numpy(case.query))[None]
-            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]))
+            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
             better = self.model.refine(mix_spec, estimate, self.model.vae.timbre_embedding(query_spec),
                                        generator=torch.Generator().manual_seed(0))
             samples = case.mixture.shape[1]
