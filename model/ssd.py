@@ -60,7 +60,7 @@ def chunked_scan(
     (one group, shared by all heads).
 
     Returns y (b, l, h, p) and the final state (b, h, p, n), or None for it with `return_final_state=False`:
-    then a sequence of one chunk from a zero state needs no states at all (the band-axis layers: 37 % of the
+    then a sequence of one chunk from a zero state needs no states at all (the band-axis layers, a third of the
     separator's time, docs/performance.md). Written as batched matmuls over (batch, head, chunk), so no einsum
     reshuffles the operands behind our back.
     """
