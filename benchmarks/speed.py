@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -173,10 +174,8 @@ def main() -> None:
     reference = {r["seconds"]: r["rtf"] for r in rows if r["system"] == "htdemucs"}
     for row in rows:
         row["speedup_vs_htdemucs"] = reference[row["seconds"]] / row["rtf"] if row["seconds"] in reference else None
-    import torch
-
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+              "cpus": os.cpu_count(), "threads": args.threads, "torch": version("torch"),
               "allocator": os.environ.get("LD_PRELOAD") or "glibc malloc",
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "note": WEIGHTS_NOTE,
               "gpu": "not measured: every row is on the CPU (this script does not time CUDA)", "rows": rows}

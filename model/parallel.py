@@ -23,7 +23,7 @@ def whole(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
 
 class SliceParallel:
     def __init__(self, workers: int, *, rows: int = 2048) -> None:
-        self.workers, self.rows = workers, rows
+        self.rows = rows
         # torch.set_num_threads in a worker sets that thread's OpenMP team size only; the caller's is unchanged.
         self._pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,),
                                         thread_name_prefix="stemquery-slice")

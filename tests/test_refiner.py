@@ -13,9 +13,8 @@ from stemquery.model import Separator, StemqueryError
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig
 from stemquery.model.engines import bsmamba as engine_module
 from stemquery.model.engines.bsmamba import REFINER_NAME, save_weights
-from stemquery.model.refiner import LatentRefiner, RefinerConfig
+from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner, save_refiner
 from stemquery.model.stft import STFT
-from stemquery.model.refiner import load_refiner, save_refiner
 from stemquery.model.train_refiner import VAETrainConfig, vae_losses
 from stemquery.model.vae import TimbrePitchVAE, VAEConfig
 
