@@ -83,6 +83,8 @@ class SeparatorTrainConfig(RunConfig):
     val_cases: int = 24
     protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
     absent_target_p: float = 0.05
+    #: ± dB of the random per-stem EQ that turns the corpus's few SoundFont timbres into many (0: off).
+    timbre_eq_db: float = 0.0
     model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
 
 
@@ -281,7 +283,7 @@ class SeparatorTrainer(TrainingRun):
                  sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
         self.sampler = TripleSampler(tracks, sample_rate=config.model.sample_rate, segment_s=config.segment_s,
                                      query_s=config.query_s, protocols=config.protocols,
-                                     absent_target_p=config.absent_target_p)
+                                     absent_target_p=config.absent_target_p, timbre_eq_db=config.timbre_eq_db)
 
     def loss(self) -> torch.Tensor:
         from stemquery.model.data.dataset import stack_triples

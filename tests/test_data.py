@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stemquery.model.data.dataset import TripleSampler, load_corpus
+from stemquery.model.data.dataset import (ACTIVITY_HOP_S, TIMBRE_EQ_HZ, Stem, Track, TripleSampler, _activity,
+                                          apply_eq, load_corpus)
 from stemquery.model.data.hydrogen import DRUMKITS as HYDROGEN, HydrogenKit
 from stemquery.model.data.instruments import assign_programs
 from stemquery.model.data.synth import Note, Part
@@ -182,3 +183,44 @@ def test_metrics_on_known_signals():
     one_silent_channel = x.copy()
     one_silent_channel[1] = 0
     assert np.isfinite(sdr(one_silent_channel + noise, one_silent_channel))
+
+
+def noise_track(name: str, seconds: float, rate: int, seed: int) -> Track:
+    """Two stems of white noise (program 0 and drums, one SoundFont), int16 as the corpus cache holds them."""
+    rng = np.random.default_rng(seed)
+    stems = []
+    for program, is_drum in ((0, False), (0, True)):
+        audio = (rng.standard_normal((2, int(seconds * rate))) * 3000).astype(np.int16)
+        active, energy = _activity(audio, int(ACTIVITY_HOP_S * rate))
+        stems.append(Stem(name, f"part{len(stems)}", program, "piano", is_drum, "noise.sf2", audio, active, energy,
+                          np.zeros((0, 4))))
+    return Track(name, stems, stems[0].audio.shape[1])
+
+
+def eq_band_db(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Level (dB) of `audio` in a half-octave around each timbre-EQ centre."""
+    power = np.abs(np.fft.rfft(audio, axis=-1)) ** 2
+    frequencies = np.fft.rfftfreq(audio.shape[-1], 1.0 / rate)
+    return np.array([10 * np.log10(power[:, (frequencies > f / 2**(1 / 4)) & (frequencies < f * 2**(1 / 4))].mean())
+                     for f in TIMBRE_EQ_HZ])
+
+
+def test_timbre_eq_gives_the_target_and_its_query_the_same_new_timbre():
+    rate = 44100
+    tracks = [noise_track("a", 12.0, rate, 1), noise_track("b", 12.0, rate, 2)]
+    flat = eq_band_db(tracks[0].stems[0].audio[:, : 2 * rate].astype(np.float32) / 32768.0, rate)
+    assert np.ptp(flat) < 1.0  # white noise: level alike in every band before the EQ
+    sampler = TripleSampler(tracks, sample_rate=rate, segment_s=4.0, query_s=4.0, absent_target_p=0.0,
+                            random_gains=False, timbre_eq_db=6.0)
+    rng = np.random.default_rng(0)
+    for protocol in ("same_stem", "cross_track"):
+        triple = sampler.draw(rng, protocol)
+        target, query = eq_band_db(triple.target, rate), eq_band_db(triple.query, rate)
+        shape = target - target.mean()
+        assert np.ptp(shape) > 3.0  # a timbre no SoundFont of the corpus had
+        np.testing.assert_allclose(query - query.mean(), shape, atol=1.0)  # ... and the query has it too
+        rest = eq_band_db(triple.mixture - triple.target, rate)
+        assert np.abs((rest - rest.mean()) - shape).max() > 1.0  # the other stem got an EQ of its own
+
+    np.testing.assert_allclose(apply_eq(np.ones((1, 64), np.float32), np.full(8, 20 * np.log10(2)), rate), 2.0,
+                               rtol=1e-5)

@@ -24,6 +24,8 @@ PROTOCOLS = ("same_stem", "cross_track", "mixture_region")
 #: Frame length (s) of the activity envelope used to find where a stem plays.
 ACTIVITY_HOP_S = 0.1
 ACTIVE_DBFS = -50.0
+#: Centre frequencies (Hz) of the random timbre EQ; the curve is interpolated in log frequency between them.
+TIMBRE_EQ_HZ = np.geomspace(60.0, 16000.0, 8)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class TripleSampler:
 
     def __init__(self, tracks: list[Track], *, sample_rate: int, segment_s: float, query_s: float,
                  protocols: tuple[str, ...] = PROTOCOLS, absent_target_p: float = 0.05,
-                 min_active: float = 0.5, random_gains: bool = True) -> None:
+                 min_active: float = 0.5, random_gains: bool = True, timbre_eq_db: float = 0.0) -> None:
         self.tracks = tracks
         self.rate = sample_rate
         self.segment = int(segment_s * sample_rate)
@@ -124,6 +126,7 @@ class TripleSampler:
         self.absent_target_p = absent_target_p
         self.min_active = min_active
         self.random_gains = random_gains
+        self.timbre_eq_db = timbre_eq_db
         self.by_key: dict[tuple, list[Stem]] = {}
         for track in tracks:
             for stem in track.stems:
@@ -143,11 +146,22 @@ class TripleSampler:
         share = (csum[window:] - csum[:-window]) / window
         return np.flatnonzero(share >= min_active)
 
-    def _cut(self, stem: Stem, start: int, length: int) -> np.ndarray:
+    def _cut(self, stem: Stem, start: int, length: int, eq_db: np.ndarray | None = None) -> np.ndarray:
         clip = np.asarray(stem.audio[:, start: start + length], dtype=np.float32) / 32768.0
         if clip.shape[1] < length:
             clip = np.pad(clip, ((0, 0), (0, length - clip.shape[1])))
-        return clip
+        return clip if eq_db is None else apply_eq(clip, eq_db, self.rate)
+
+    def _timbre_eq(self, rng: np.random.Generator) -> np.ndarray | None:
+        """A random EQ (dB at `TIMBRE_EQ_HZ`) that makes one stem a new timbre, or None when disabled.
+
+        The training SoundFonts offer a handful of timbres per instrument, so a separator can learn to recognise
+        them instead of listening to the query. One EQ per stem, applied alike to the stem in the mixture, to the
+        target and to its query, keeps the query truthful while the timbre is one no SoundFont has.
+        """
+        if self.timbre_eq_db <= 0:
+            return None  # no draw: the random stream (and so every eval set) is what it was without the option
+        return rng.uniform(-self.timbre_eq_db, self.timbre_eq_db, len(TIMBRE_EQ_HZ))
 
     def _gain(self, rng: np.random.Generator) -> float:
         return float(10 ** (rng.uniform(-6, 6) / 20)) if self.random_gains else 1.0
@@ -170,16 +184,17 @@ class TripleSampler:
         others = [s for s in track.stems if s is not target]
         chosen = [others[i] for i in rng.choice(len(others), size=int(rng.integers(1, len(others) + 1)),
                                                  replace=False)]
-        target_audio = self._cut(target, start, self.segment) * self._gain(rng)
-        rest = [self._cut(s, start, self.segment) * self._gain(rng) for s in chosen]
+        target_eq, rest_eqs = self._timbre_eq(rng), [self._timbre_eq(rng) for _ in chosen]
+        target_audio = self._cut(target, start, self.segment, target_eq) * self._gain(rng)
+        rest = [self._cut(s, start, self.segment, eq) * self._gain(rng) for s, eq in zip(chosen, rest_eqs)]
         absent = protocol != "mixture_region" and rng.random() < self.absent_target_p
         query_stem, query = target, None
         if protocol == "same_stem":
-            query = self._query_same_stem(rng, target, start, track.samples)
+            query = self._query_same_stem(rng, target, start, track.samples, target_eq)
         elif protocol == "cross_track":
-            query, query_stem = self._query_cross_track(rng, target)
+            query, query_stem = self._query_cross_track(rng, target, target_eq)
         elif protocol == "mixture_region":
-            query = self._query_mixture_region(rng, target, chosen, track.samples)
+            query = self._query_mixture_region(rng, target, chosen, track.samples, [target_eq, *rest_eqs])
         if query is None:
             return None
         if absent:  # the query's instrument does not play in this mixture
@@ -194,14 +209,15 @@ class TripleSampler:
                 "sources": 1 + len(chosen), "query_track": query_stem.track}
         return Triple(mixture * scale, target_audio * scale, query * scale, protocol, info)
 
-    def _query_same_stem(self, rng, stem: Stem, avoid_start: int, limit: int) -> np.ndarray | None:
+    def _query_same_stem(self, rng, stem: Stem, avoid_start: int, limit: int,
+                         eq_db: np.ndarray | None) -> np.ndarray | None:
         starts = self._active_starts(stem, self.query_len, limit, self.min_active) * self.hop
         apart = starts[(starts + self.query_len <= avoid_start) | (starts >= avoid_start + self.segment)]
         if len(apart) == 0:
             return None
-        return self._cut(stem, int(apart[int(rng.integers(len(apart)))]), self.query_len) * self._gain(rng)
+        return self._cut(stem, int(apart[int(rng.integers(len(apart)))]), self.query_len, eq_db) * self._gain(rng)
 
-    def _query_cross_track(self, rng, stem: Stem) -> tuple[np.ndarray | None, Stem]:
+    def _query_cross_track(self, rng, stem: Stem, eq_db: np.ndarray | None) -> tuple[np.ndarray | None, Stem]:
         candidates = [s for s in self.by_key.get(stem.key, []) if s.track != stem.track]
         if not candidates:
             return None, stem
@@ -210,9 +226,10 @@ class TripleSampler:
         if len(starts) == 0:
             return None, stem
         start = int(starts[int(rng.integers(len(starts)))]) * self.hop
-        return self._cut(other, start, self.query_len) * self._gain(rng), other
+        return self._cut(other, start, self.query_len, eq_db) * self._gain(rng), other
 
-    def _query_mixture_region(self, rng, target: Stem, chosen: list[Stem], limit: int) -> np.ndarray | None:
+    def _query_mixture_region(self, rng, target: Stem, chosen: list[Stem], limit: int,
+                              eqs: list[np.ndarray | None]) -> np.ndarray | None:
         """The mix (target + the same other sources) where the target is loudest relative to the rest."""
         window = self._frames(self.query_len)
         frames = min(len(target.energy), limit // self.hop)
@@ -228,8 +245,23 @@ class TripleSampler:
             return None
         best = np.argsort(score)[-3:]  # one of the three best regions, so it is not always the same one
         start = int(best[int(rng.integers(len(best)))]) * self.hop
-        region = self._cut(target, start, self.query_len) + sum(self._cut(s, start, self.query_len) for s in chosen)
-        return region
+        return sum(self._cut(s, start, self.query_len, eq) for s, eq in zip([target, *chosen], eqs))
+
+
+def apply_eq(audio: np.ndarray, gains_db: np.ndarray, sample_rate: int) -> np.ndarray:
+    """`audio` (channels, samples) through a smooth EQ: `gains_db` at `TIMBRE_EQ_HZ`, flat beyond the ends.
+
+    Applied in the frequency domain over the whole clip: a curve this smooth has an impulse response of some tens of
+    milliseconds, so the circular wrap is inaudible, and the operation is linear, so stems still sum to the mix.
+    """
+    import scipy.fft  # the data extra's; single precision and a fast length: 3× quicker than numpy's here
+
+    samples = audio.shape[-1]
+    length = scipy.fft.next_fast_len(samples, real=True)
+    frequencies = np.fft.rfftfreq(length, 1.0 / sample_rate)
+    curve_db = np.interp(np.log(np.maximum(frequencies, 1.0)), np.log(TIMBRE_EQ_HZ), gains_db)
+    spectrum = scipy.fft.rfft(audio.astype(np.float32), n=length, axis=-1) * (10 ** (curve_db / 20)).astype(np.float32)
+    return scipy.fft.irfft(spectrum, n=length, axis=-1)[..., :samples].astype(np.float32)
 
 
 def piano_roll(notes: np.ndarray, start_s: float, frames: int, frame_s: float, pitches: int = 128) -> np.ndarray:
