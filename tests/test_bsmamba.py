@@ -107,8 +107,23 @@ def test_tiny_model_overfits_one_example(two_sources):
         optimizer.step()
     with torch.no_grad():
         last = float(loss_now())
-    # L1-SNR in dB (waveform + spectrogram): at least 10 dB better after 60 steps on one example
+    # −SI-SDR + 0.5 × −SNR, dB: at least 10 dB better after 60 steps on one example
     assert last < first - 10.0, (first, last)
+
+
+def test_snr_level_term_is_lowest_at_the_least_squares_gain():
+    """Over a global gain on a noisy estimate the loss is lowest at the least-squares gain <e,t>/<e,e>: the
+    level term, not −SI-SDR (blind to level), decides it, and it decides it as SNR measures it."""
+    stft = STFT(1024, 256)
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 2, RATE, generator=generator)
+    mixture = target + torch.randn(2, 2, RATE, generator=generator)
+    noisy = target + 0.7 * torch.randn(2, 2, RATE, generator=generator)
+    least_squares = float((noisy * target).sum() / noisy.pow(2).sum())  # ≈ 1 / (1 + 0.49)
+    gains = torch.linspace(0.4, 1.2, 81)
+    losses = [float(separation_loss(stft.forward(gain * noisy), target, mixture, stft, "snr")) for gain in gains]
+    assert abs(float(gains[int(np.argmin(losses))]) - least_squares) <= 0.011, (losses, least_squares)
+    assert max(losses) - min(losses) > 0.5  # the level matters to it
 
 
 @pytest.fixture()
