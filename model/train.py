@@ -322,12 +322,13 @@ class SeparatorTrainer(TrainingRun):
         return separation_loss(estimate.to(torch.complex64), target, mixture, self.stft, self.config.level_loss)
 
     def validate(self) -> dict:
-        """Mean SI-SDR improvement on the first `val_cases` cases of the val eval set, overall and per protocol."""
-        from stemquery.model.evaluate import case_folders, read_case, si_sdr
+        """Mean SI-SDR improvement on the first `val_cases` cases of the val eval set, overall and per protocol,
+        and the mean SNR improvement (which, unlike SI-SDR, also sees whether the level is right)."""
+        from stemquery.model.evaluate import case_folders, read_case, si_sdr, snr
 
         if not self.config.val_set.exists():
             return {}
-        gains = {}
+        gains, snr_gains = {}, []
         for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
             case = read_case(folder)
             spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
@@ -335,8 +336,9 @@ class SeparatorTrainer(TrainingRun):
             estimate = self.stft.inverse(self.model(spec, condition)[0], case.mixture.shape[1]).numpy()
             gain = si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target)
             gains.setdefault(case.meta.get("protocol", ""), []).append(gain)
+            snr_gains.append(snr(estimate, case.target) - snr(case.mixture, case.target))
         everything = [g for values in gains.values() for g in values]
-        return {"step": self.step, "si_sdr_i": float(np.mean(everything)),
+        return {"step": self.step, "si_sdr_i": float(np.mean(everything)), "snr_i": float(np.mean(snr_gains)),
                 **{f"si_sdr_i_{k}": float(np.mean(v)) for k, v in gains.items()}}
 
 
