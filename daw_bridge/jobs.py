@@ -10,7 +10,7 @@ from pathlib import Path
 import soundfile as sf
 
 from stemquery.model import Separator
-from stemquery.model.api import check_query
+from stemquery.model.api import DEFAULT_ENGINE, check_query
 from stemquery.model.audio import OutputFormat, check_writable_folder, read_audio, write_audio_files
 from stemquery.model.engines.base import ProgressCallback
 from stemquery.model.errors import AudioInputError, QueryError
@@ -30,7 +30,7 @@ class SeparationRequest:
     queries: list[Path] = field(default_factory=list)
     query_ranges: list[tuple[float, float]] = field(default_factory=list)
     out_dir: Path = Path(".")
-    engine: str = "nmf"
+    engine: str = DEFAULT_ENGINE
     container: str = "wav"
     #: None: 32-bit float for WAV, 24-bit for FLAC.
     bit_depth: int | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stemquery.daw_bridge.jobs import SeparationRequest
 from stemquery.daw_bridge.paths import PathPolicy
+from stemquery.model.api import DEFAULT_ENGINE
 from stemquery.model.audio import OutputFormat
 from stemquery.model.engines import engine_class
 from stemquery.model.errors import StemqueryError
@@ -128,7 +129,7 @@ def resolve_spec_paths(spec: dict, policy: PathPolicy, *, base: Path | None, def
     return resolved
 
 
-def request_from_spec(spec: dict, *, default_engine: str = "nmf") -> SeparationRequest:
+def request_from_spec(spec: dict, *, default_engine: str = DEFAULT_ENGINE) -> SeparationRequest:
     return SeparationRequest(
         mix=Path(spec["mix"]),
         queries=[Path(q) for q in spec["query"]],
