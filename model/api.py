@@ -24,8 +24,8 @@ from stemquery.model.errors import AudioInputError, QueryError, StemqueryError
 
 log = logging.getLogger(__name__)
 
-#: The engine used when none is named. Switches to a learned engine once it beats `nmf` on the val set.
-DEFAULT_ENGINE = "nmf"
+#: The engine used when none is named: the trained separator, since it beat `nmf` on the val set (docs/results.md).
+DEFAULT_ENGINE = "bsmamba"
 MIN_QUERY_SECONDS = 0.5
 #: A query quieter than this (RMS, dBFS) carries no sound to look for.
 SILENCE_DBFS = -80.0

@@ -48,7 +48,9 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stemquery.daw_bridge", "-v", "serve", "--hotfolder", str(self.hotfolder),
-             "--allow-root", str(self.media), "--osc-port", str(self.port), "--max-duration", "600"],
+             "--allow-root", str(self.media), "--osc-port", str(self.port), "--max-duration", "600",
+             # nmf, not the default: its many small steps give the progress and mid-job-kill tests jobs that last
+             "--engine", "nmf"],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + 60

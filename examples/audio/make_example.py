@@ -2,8 +2,8 @@
 
     python examples/audio/make_example.py  [--soundfont /usr/share/sounds/sf2/FluidR3_GM.sf2]
 
-Writes mix.flac (6 s) and query_flute.flac (3.6 s, a different phrase of the same flute) beside this file;
-with --reference DIR also the true flute stem (target_flute.flac) there, so a separation can be scored.
+Writes mix.flac (6 s), query_flute.flac (3.6 s, a different phrase of the same flute) and the true flute stem
+(target_flute.flac, so a separation can be scored: tests/test_cli.py does) beside this file.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ def melody(pitches: list[int], start: float = 0.0) -> Part:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--soundfont", default="/usr/share/sounds/sf2/FluidR3_GM.sf2")
-    parser.add_argument("--reference", type=Path, help="also write the true flute stem into this folder")
     args = parser.parse_args()
     here = Path(__file__).parent
     with SoundFontSynth(args.soundfont, sample_rate=RATE) as synth:
@@ -53,9 +52,7 @@ def main() -> None:
         query = synth.render(melody([72, 74, 76, 77, 79, 81]), int(3.6 * RATE))
     mix = flute + rest
     scale = 0.8 / max(np.abs(mix).max(), np.abs(query).max())
-    outputs = {here / "mix.flac": mix, here / "query_flute.flac": query}
-    if args.reference:
-        outputs[args.reference / "target_flute.flac"] = flute
+    outputs = {here / "mix.flac": mix, here / "query_flute.flac": query, here / "target_flute.flac": flute}
     for path, audio in outputs.items():
         sf.write(path, (audio * scale).T, RATE, subtype="PCM_16")
 
