@@ -125,8 +125,18 @@ def score(estimate: np.ndarray, case: Case) -> dict[str, float]:
     return values
 
 
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_engine_spec(text: str) -> tuple[str, dict]:
-    """`NAME` or `NAME:key=value,key=value` (e.g. `bsmamba:refine=1,steps=5`) → (name, Separator options)."""
+    """`NAME` or `NAME:key=value,key=value` (e.g. `bsmamba:refine=1,steps=5,blend=0.5`) → (name, Separator
+    options); values that read as numbers become int or float."""
     name, _, options = text.partition(":")
     parsed = {}
     for item in filter(None, options.split(",")):
@@ -134,7 +144,7 @@ def parse_engine_spec(text: str) -> tuple[str, dict]:
         if not equals or not key:
             raise StemqueryError(f"engine {text!r}: options are key=value pairs separated by commas, "
                                  "e.g. bsmamba:refine=1,steps=5")
-        parsed[key] = int(value) if value.lstrip("-").isdigit() else value
+        parsed[key] = _number(value)
     if "refine" in parsed:
         parsed["refine"] = bool(parsed["refine"])
     return name, parsed

@@ -1,6 +1,7 @@
 """Latent diffusion refiner: corrects the separator's estimate in the VAE's latent space.
 
-    z_mix, z_est = VAE(mix), VAE(separator estimate); timbre = VAE timbre embedding of the query
+    z_mix, z_est = VAE(mix), VAE(separator estimate), each channel divided by its spread over training targets;
+    timbre = VAE timbre embedding of the query
     z_0 ~ UNet2DConditionModel denoising [z_t ‖ z_mix ‖ z_est], cross-attending to the timbre, from z_est noised to
           `strength` (StoRM's lesson: a predictive estimate first, diffusion to correct it, not generation from noise)
     refined band magnitude = VAE.decode(z_0); gain = refined / estimate band magnitude (clamped)
@@ -37,13 +38,18 @@ class RefinerConfig:
     strength: float = 0.6
     #: Share of the refined gain applied (0: the separator alone).
     blend: float = 1.0
+    #: Standard deviation of each VAE latent channel over training targets: the diffusion runs on the latent
+    #: divided by it (unit variance, what the noise schedule assumes; diffusers' `scaling_factor`, per channel).
+    #: Empty: not standardised. `stemquery train refiner` measures it when the config leaves it empty.
+    latent_std: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RefinerConfig":
-        return cls(**{**data, "block_channels": tuple(data.get("block_channels", cls.block_channels))})
+        return cls(**{**data, "block_channels": tuple(data.get("block_channels", cls.block_channels)),
+                      "latent_std": tuple(data.get("latent_std", ()))})
 
 
 class LatentRefiner(nn.Module):
@@ -68,6 +74,20 @@ class LatentRefiner(nn.Module):
     def frame_multiple(self) -> int:
         """Spectrogram frames must be a multiple of this for the latent to pass the UNet's downsampling."""
         return DOWNSAMPLING * 2 ** (len(self.config.block_channels) - 1)
+
+    def _latent_scale(self, latent: torch.Tensor) -> torch.Tensor:
+        if not self.config.latent_std:
+            return torch.ones((), dtype=latent.dtype, device=latent.device)
+        return torch.tensor(self.config.latent_std, dtype=latent.dtype, device=latent.device)[:, None, None]
+
+    def encode(self, spec: torch.Tensor) -> torch.Tensor:
+        """Complex STFT → the standardised VAE latent the diffusion works on."""
+        latent = self.vae.encode(spec, self.frame_multiple)
+        return latent / self._latent_scale(latent)
+
+    def band_magnitude(self, latent: torch.Tensor, frames: int) -> torch.Tensor:
+        """A standardised latent decoded to band magnitudes (batch, bands, frames)."""
+        return self.vae.bands.magnitude(self.vae.decode(latent * self._latent_scale(latent), frames))
 
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, z_mix: torch.Tensor, z_estimate: torch.Tensor,
                 timbre: torch.Tensor) -> torch.Tensor:
@@ -114,12 +134,14 @@ class LatentRefiner(nn.Module):
             c.blend if blend is None else blend
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        frames = mix_spec.shape[-1]
-        z_mix, z_estimate = (self.vae.encode(spec, self.frame_multiple) for spec in (mix_spec, estimate_spec))
+        z_mix, z_estimate = self.encode(mix_spec), self.encode(estimate_spec)
         latent = self.sample(z_mix, z_estimate, timbre, steps=steps, strength=strength, generator=generator)
-        refined = self.vae.bands.magnitude(self.vae.decode(latent, frames))
+        return self.rescale(estimate_spec, self.band_magnitude(latent, mix_spec.shape[-1]), blend)
+
+    def rescale(self, estimate_spec: torch.Tensor, magnitude: torch.Tensor, blend: float) -> torch.Tensor:
+        """The estimate with each band's magnitude moved `blend` of the way (as a gain) to `magnitude`."""
         estimate = self.vae.bands.power(estimate_spec).sqrt()
-        gain = (refined / (estimate + 1e-4)).clamp(0.0, GAIN_MAX)
+        gain = (magnitude / (estimate + 1e-4)).clamp(0.0, GAIN_MAX)
         return estimate_spec * (1 - blend + blend * self.vae.bands.to_bins(gain))
 
 

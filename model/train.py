@@ -86,6 +86,8 @@ class SeparatorTrainConfig(RunConfig):
     absent_target_p: float = 0.05
     #: ± dB of the random per-stem EQ that turns the corpus's few SoundFont timbres into many (0: off).
     timbre_eq_db: float = 0.0
+    #: ± semitones of a random tape-speed change per draw (pitch, formants and tempo together; 0: off).
+    speed_semitones: float = 0.0
     #: The loss's level term, a key of `LEVEL_LOSSES` (run 6 trained with "l1_snr" up to step 4,900).
     level_loss: str = "snr"
     model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
@@ -310,7 +312,8 @@ class SeparatorTrainer(TrainingRun):
                  sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
         self.sampler = TripleSampler(tracks, sample_rate=config.model.sample_rate, segment_s=config.segment_s,
                                      query_s=config.query_s, protocols=config.protocols,
-                                     absent_target_p=config.absent_target_p, timbre_eq_db=config.timbre_eq_db)
+                                     absent_target_p=config.absent_target_p, timbre_eq_db=config.timbre_eq_db,
+                                     speed_semitones=config.speed_semitones)
 
     def loss(self) -> torch.Tensor:
         from stemquery.model.data.dataset import stack_triples

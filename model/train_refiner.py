@@ -11,7 +11,7 @@ Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,17 @@ class RefinerTrainConfig(RunConfig):
     val_cases: int = 12
     protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
     model: RefinerConfig = field(default_factory=RefinerConfig)
+
+
+def latent_channel_std(vae: TimbrePitchVAE, stft: STFT, sampler, rng: np.random.Generator,
+                       clips: int = 32) -> tuple[float, ...]:
+    """Standard deviation of each VAE latent channel over `clips` training targets."""
+    from stemquery.model.data.dataset import stack_triples
+
+    _, target, _ = stack_triples([sampler.draw(rng) for _ in range(clips)])
+    with torch.no_grad():
+        latent = torch.cat([vae.encode(stft.forward(part)) for part in target.split(8)])
+    return tuple(round(float(v), 4) for v in latent.std(dim=(0, 2, 3)))
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -152,30 +163,33 @@ class RefinerTrainer(TrainingRun):
 
         torch.manual_seed(config.seed)
         vae = load_vae_checkpoint(config.vae_checkpoint).requires_grad_(False).eval()
+        separator = load_model(config.separator_weights.with_suffix(".safetensors")).requires_grad_(False)
+        if (separator.config.n_fft, separator.config.hop) != (vae.config.n_fft, vae.config.hop):
+            raise ValueError("the VAE and the separator must share their STFT (n_fft, hop)")
+        stft = STFT(vae.config.n_fft, vae.config.hop)
+        tracks = load_corpus(config.train_corpus, vae.config.sample_rate)
+        sampler = TripleSampler(tracks, sample_rate=vae.config.sample_rate, segment_s=config.segment_s,
+                                query_s=config.query_s, protocols=config.protocols, absent_target_p=0.0)
+        if not config.model.latent_std:
+            config = replace(config, model=replace(config.model, latent_std=latent_channel_std(
+                vae, stft, sampler, np.random.default_rng(config.seed + 1))))
+            log.info("VAE latent channel std over training targets: %s", config.model.latent_std)
         model = LatentRefiner(config.model, vae)
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
         super().__init__(config, model, trainable)
-        self.separator = load_model(config.separator_weights.with_suffix(".safetensors")).requires_grad_(False)
+        self.separator, self.stft, self.sampler = separator, stft, sampler
         # The frozen separator runs without autograd: on CPU its fast inference path applies (model/parallel.py).
         self.parallel = SliceParallel(config.threads) if config.threads > 1 else None
-        separator_config = self.separator.config
-        if (separator_config.n_fft, separator_config.hop) != (vae.config.n_fft, vae.config.hop):
-            raise ValueError("the VAE and the separator must share their STFT (n_fft, hop)")
-        self.stft = STFT(vae.config.n_fft, vae.config.hop)
-        tracks = load_corpus(config.train_corpus, vae.config.sample_rate)
-        self.sampler = TripleSampler(tracks, sample_rate=vae.config.sample_rate, segment_s=config.segment_s,
-                                     query_s=config.query_s, protocols=config.protocols, absent_target_p=0.0)
 
     def _latents(self, mixture: torch.Tensor, target: torch.Tensor, query: torch.Tensor):
         """With the frozen separator and VAE: latents of target, mix and estimate, and the query's timbre."""
-        vae, multiple = self.model.vae, self.model.frame_multiple
         with torch.no_grad():
             mix_spec = self.stft.forward(mixture)
             query_spec = self.stft.forward(query)
             estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
-            z_target, z_mix, z_estimate = (vae.encode(spec, multiple)
+            z_target, z_mix, z_estimate = (self.model.encode(spec)
                                            for spec in (self.stft.forward(target), mix_spec, estimate))
-            timbre = vae.timbre_embedding(query_spec)
+            timbre = self.model.vae.timbre_embedding(query_spec)
         return z_target, z_mix, z_estimate, timbre
 
     def loss(self) -> torch.Tensor:
@@ -187,23 +201,37 @@ class RefinerTrainer(TrainingRun):
         return self.model.training_loss(*self._latents(*batch))
 
     def validate(self) -> dict:
-        """SNR of separator alone vs separator + refiner (default steps) on the first `val_cases` val cases."""
+        """Mean SNR on the first `val_cases` val cases of: the separator alone, separator + refiner (default
+        steps), and three references that need no diffusion and bound what its band-gain correction can do:
+        the estimate through the VAE and back (`vae_roundtrip`: the VAE's own loss), the target's latent decoded
+        (`oracle_latent`: a perfect diffusion model), the target's band magnitudes (`oracle_band_gain`: a perfect
+        VAE too)."""
         from stemquery.model.evaluate import case_folders, read_case, snr
 
         if not self.config.val_set.exists():
             return {}
-        alone, refined = [], []
+        refiner, vae = self.model, self.model.vae
+        scores: dict[str, list[float]] = {}
         for folder in case_folders(self.config.val_set)[: self.config.val_cases]:
             case = read_case(folder)
-            mix_spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
-            query_spec = self.stft.forward(torch.from_numpy(case.query))[None]
+            mix_spec, query_spec, target_spec = (self.stft.forward(torch.from_numpy(audio))[None]
+                                                 for audio in (case.mixture, case.query, case.target))
             estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
-            better = self.model.refine(mix_spec, estimate, self.model.vae.timbre_embedding(query_spec),
-                                       generator=torch.Generator().manual_seed(0))
+            frames = estimate.shape[-1]
+            candidates = {
+                "separator": estimate,
+                "refined": refiner.refine(mix_spec, estimate, vae.timbre_embedding(query_spec),
+                                          generator=torch.Generator().manual_seed(0)),
+                "vae_roundtrip": refiner.rescale(estimate, refiner.band_magnitude(refiner.encode(estimate), frames),
+                                                 1.0),
+                "oracle_latent": refiner.rescale(estimate, refiner.band_magnitude(refiner.encode(target_spec), frames),
+                                                 1.0),
+                "oracle_band_gain": refiner.rescale(estimate, vae.bands.power(target_spec).sqrt(), 1.0),
+            }
             samples = case.mixture.shape[1]
-            alone.append(snr(self.stft.inverse(estimate[0], samples).numpy(), case.target))
-            refined.append(snr(self.stft.inverse(better[0], samples).numpy(), case.target))
-        return {"step": self.step, "snr_separator": float(np.mean(alone)), "snr_refined": float(np.mean(refined))}
+            for name, spec in candidates.items():
+                scores.setdefault(name, []).append(snr(self.stft.inverse(spec[0], samples).numpy(), case.target))
+        return {"step": self.step, **{f"snr_{name}": float(np.mean(values)) for name, values in scores.items()}}
 
     def extra_state(self) -> dict:
         return {"vae_config": self.model.vae.config.to_dict()}

@@ -224,3 +224,49 @@ def test_timbre_eq_gives_the_target_and_its_query_the_same_new_timbre():
 
     np.testing.assert_allclose(apply_eq(np.ones((1, 64), np.float32), np.full(8, 20 * np.log10(2)), rate), 2.0,
                                rtol=1e-5)
+
+
+def sine_track(name: str, seconds: float, rate: int) -> Track:
+    """Two stems of sines: 1 kHz (program 0) and a quieter 2.5 kHz (program 1), int16 as the corpus cache holds them."""
+    time = np.arange(int(seconds * rate)) / rate
+    stems = []
+    for program, (hz, level) in enumerate(SINE_STEMS):
+        audio = np.tile(np.sin(2 * np.pi * hz * time) * level, (2, 1)).astype(np.int16)
+        active, energy = _activity(audio, int(ACTIVITY_HOP_S * rate))
+        stems.append(Stem(name, f"part{program}", program, "piano", False, "sine.sf2", audio, active, energy,
+                          np.zeros((0, 4))))
+    return Track(name, stems, stems[0].audio.shape[1])
+
+
+SINE_STEMS = ((1000.0, 8000), (2500.0, 4000))
+
+
+def peak_hz(audio: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(audio.mean(axis=0) * np.hanning(audio.shape[-1])))
+    return float(np.fft.rfftfreq(audio.shape[-1], 1.0 / rate)[spectrum.argmax()])
+
+
+def test_speed_change_moves_the_pitch_of_mixture_target_and_query_together():
+    rate = 22050
+    tracks = [sine_track("a", 12.0, rate), sine_track("b", 12.0, rate)]
+    sampler = TripleSampler(tracks, sample_rate=rate, segment_s=2.0, query_s=2.0, absent_target_p=0.0,
+                            random_gains=False, speed_semitones=3.0)
+    rng = np.random.default_rng(0)
+    speeds = []
+    for protocol in ("same_stem", "cross_track", "mixture_region") * 2:
+        triple = sampler.draw(rng, protocol)
+        speed = triple.info["speed"]
+        speeds.append(speed)
+        assert triple.target.shape == triple.mixture.shape == (2, 2 * rate)  # lengths as asked, whatever the speed
+        target_hz = SINE_STEMS[triple.info["program"]][0]
+        assert peak_hz(triple.target, rate) == pytest.approx(target_hz * speed, abs=2.0)
+        assert peak_hz(triple.mixture, rate) == pytest.approx(SINE_STEMS[0][0] * speed, abs=2.0)
+        # the query is the target's stem, or (mixture_region) the mixture, where the louder 1 kHz stem peaks
+        query_hz = SINE_STEMS[0][0] if protocol == "mixture_region" else target_hz
+        assert peak_hz(triple.query, rate) == pytest.approx(query_hz * speed, abs=2.0)
+    assert all(2 ** (-3 / 12) <= s <= 2 ** (3 / 12) for s in speeds)
+    assert np.ptp(speeds) > 0.05  # drawn per triple, not one for all
+
+    still = TripleSampler(tracks, sample_rate=rate, segment_s=2.0, query_s=2.0, absent_target_p=0.0,
+                          random_gains=False)
+    assert still.draw(np.random.default_rng(0)).info["speed"] == 1.0

@@ -132,6 +132,14 @@ def test_refine_on_and_off_through_the_api(tiny_shipped, two_sources):
     assert refined.target.shape == mix.shape and not np.allclose(refined.target, plain.target)
     np.testing.assert_array_equal(refined.target, again.target)  # seeded: the same sound every run
     np.testing.assert_allclose(refined.target + refined.residual, mix, atol=1e-6)
+    # the blend weight: 0 is the separator alone, between 0 and 1 a share of the refiner's correction
+    untouched = Separator("bsmamba", device="cpu", refine=True, steps=2, blend=0.0).separate(mix, RATE, [query])
+    np.testing.assert_allclose(untouched.target, plain.target, atol=1e-6)
+    half = Separator("bsmamba", device="cpu", refine=True, steps=2, blend=0.5).separate(mix, RATE, [query])
+    assert half.engine == "bsmamba-refined2-blend0.5"
+    assert 0.1 < np.abs(half.target - plain.target).mean() / np.abs(refined.target - plain.target).mean() < 0.9
+    with pytest.raises(StemqueryError, match="blend must be between 0 and 1"):
+        Separator("bsmamba", device="cpu", refine=True, blend=1.5)
 
 
 def test_refine_through_the_cli(tiny_shipped, write_audio, two_sources, tmp_path):
@@ -175,7 +183,8 @@ def test_eval_scores_separator_alone_and_refined_side_by_side(tiny_shipped, tmp_
     from stemquery.model.evaluate import build_evalset, evaluate, parse_engine_spec
     from test_train import make_corpus
 
-    assert parse_engine_spec("bsmamba:refine=1,steps=5") == ("bsmamba", {"refine": True, "steps": 5})
+    assert parse_engine_spec("bsmamba:refine=1,steps=5,blend=0.5") == ("bsmamba", {"refine": True, "steps": 5,
+                                                                                 "blend": 0.5})
     corpus = make_corpus(tmp_path / "corpus")
     build_evalset(corpus, tmp_path / "set", cases=2, seed=0, segment_s=2.0, query_s=1.0, protocols=("same_stem",))
     engines = ["bsmamba", "bsmamba:refine=1,steps=2"]

@@ -104,6 +104,16 @@ def test_vae_and_refiner_train_resume_and_export(tmp_path):
                                 query_s=1.0, max_steps=2, validate_every=2, val_cases=1, log_every=1,
                                 model=RefinerConfig(**TINY_REFINER))
     trainer = RefinerTrainer(config)
+    # the diffusion's latent is standardised per channel by the spread measured over training targets
+    latent_std = trainer.model.config.latent_std
+    assert len(latent_std) == VAEConfig().latent_channels and min(latent_std) > 0
+    spec = trainer.stft.forward(torch.from_numpy(trainer.sampler.draw(np.random.default_rng(3)).target))[None]
+    z = trainer.model.encode(spec)
+    assert not torch.allclose(z, trainer.model.vae.encode(spec, trainer.model.frame_multiple))
+    frames = spec.shape[-1]
+    torch.testing.assert_close(trainer.model.band_magnitude(z, frames), trainer.model.vae.bands.magnitude(
+        trainer.model.vae.decode(trainer.model.vae.encode(spec, trainer.model.frame_multiple), frames)), rtol=1e-4,
+        atol=1e-6)  # undone exactly before decoding, to float rounding
     vae_before = {k: v.clone() for k, v in trainer.model.vae.state_dict().items()}
     trainer.run()
     for key, value in trainer.model.vae.state_dict().items():
@@ -111,7 +121,11 @@ def test_vae_and_refiner_train_resume_and_export(tmp_path):
     resumed = RefinerTrainer(dataclasses.replace(config, max_steps=3))
     resumed.resume(tmp_path / "refiner" / "last.pt")
     resumed.run()
-    assert resumed.step == 3 and {"snr_separator", "snr_refined"} <= set(resumed.curve[0])
+    bounds = resumed.curve[0]
+    assert resumed.step == 3 and {"snr_separator", "snr_refined", "snr_vae_roundtrip", "snr_oracle_latent",
+                                  "snr_oracle_band_gain"} <= set(bounds)
+    # the target's own band magnitudes put on the estimate: the ceiling of the band-gain correction, far above it
+    assert bounds["snr_oracle_band_gain"] > bounds["snr_separator"] + 3.0
 
     export(tmp_path / "refiner" / "last.pt", tmp_path / "weights" / "refiner-v1")
     refiner = load_refiner(tmp_path / "weights" / "refiner-v1")
@@ -120,7 +134,7 @@ def test_vae_and_refiner_train_resume_and_export(tmp_path):
     stems = Separator("bsmamba", device="cpu", weights=tmp_path / "sep" / "bsmamba-v1", refine=True, steps=2,
                       refiner_weights=tmp_path / "weights" / "refiner-v1").separate(mix.T, RATE, [mix.T[:, :RATE]])
     assert stems.target.shape == mix.T.shape and stems.engine == "bsmamba-refined2"
-    assert refiner.config.steps == TINY_REFINER["steps"]
+    assert refiner.config.steps == TINY_REFINER["steps"] and refiner.config.latent_std == latent_std
 
 
 def test_curve_plot_of_runs(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from stemquery.model.audio import resample
+from stemquery.model.audio import fit_length, resample
 
 PROTOCOLS = ("same_stem", "cross_track", "mixture_region")
 #: Frame length (s) of the activity envelope used to find where a stem plays.
@@ -116,7 +116,8 @@ class TripleSampler:
 
     def __init__(self, tracks: list[Track], *, sample_rate: int, segment_s: float, query_s: float,
                  protocols: tuple[str, ...] = PROTOCOLS, absent_target_p: float = 0.05,
-                 min_active: float = 0.5, random_gains: bool = True, timbre_eq_db: float = 0.0) -> None:
+                 min_active: float = 0.5, random_gains: bool = True, timbre_eq_db: float = 0.0,
+                 speed_semitones: float = 0.0) -> None:
         self.tracks = tracks
         self.rate = sample_rate
         self.segment = int(segment_s * sample_rate)
@@ -127,6 +128,7 @@ class TripleSampler:
         self.min_active = min_active
         self.random_gains = random_gains
         self.timbre_eq_db = timbre_eq_db
+        self.speed_semitones = speed_semitones
         self.by_key: dict[tuple, list[Stem]] = {}
         for track in tracks:
             for stem in track.stems:
@@ -146,10 +148,17 @@ class TripleSampler:
         share = (csum[window:] - csum[:-window]) / window
         return np.flatnonzero(share >= min_active)
 
-    def _cut(self, stem: Stem, start: int, length: int, eq_db: np.ndarray | None = None) -> np.ndarray:
-        clip = np.asarray(stem.audio[:, start: start + length], dtype=np.float32) / 32768.0
-        if clip.shape[1] < length:
-            clip = np.pad(clip, ((0, 0), (0, length - clip.shape[1])))
+    @staticmethod
+    def _span(length: int, speed: float) -> int:
+        """Source samples that make `length` samples once played `speed` times as fast."""
+        return length if speed == 1.0 else int(np.ceil(length * speed)) + 1
+
+    def _cut(self, stem: Stem, start: int, length: int, eq_db: np.ndarray | None = None,
+             speed: float = 1.0) -> np.ndarray:
+        span = self._span(length, speed)
+        clip = fit_length(np.asarray(stem.audio[:, start: start + span], dtype=np.float32) / 32768.0, span)
+        if speed != 1.0:
+            clip = fit_length(resample(clip, self.rate * speed, self.rate), length)
         return clip if eq_db is None else apply_eq(clip, eq_db, self.rate)
 
     def _timbre_eq(self, rng: np.random.Generator) -> np.ndarray | None:
@@ -162,6 +171,16 @@ class TripleSampler:
         if self.timbre_eq_db <= 0:
             return None  # no draw: the random stream (and so every eval set) is what it was without the option
         return rng.uniform(-self.timbre_eq_db, self.timbre_eq_db, len(TIMBRE_EQ_HZ))
+
+    def _speed(self, rng: np.random.Generator) -> float:
+        """A random tape-speed factor for a whole draw (mixture, target and query alike), or 1.0 when disabled.
+
+        Playing every stem faster or slower moves pitch, formants and tempo together: each SoundFont instrument
+        becomes a neighbour the corpus does not have (a smaller or larger body), while the music stays in time.
+        """
+        if self.speed_semitones <= 0:
+            return 1.0  # no draw, as for the EQ
+        return float(2 ** (rng.uniform(-self.speed_semitones, self.speed_semitones) / 12))
 
     def _gain(self, rng: np.random.Generator) -> float:
         return float(10 ** (rng.uniform(-6, 6) / 20)) if self.random_gains else 1.0
@@ -181,20 +200,21 @@ class TripleSampler:
         if len(starts) == 0:
             return None
         start = int(starts[int(rng.integers(len(starts)))]) * self.hop
+        speed = self._speed(rng)
         others = [s for s in track.stems if s is not target]
         chosen = [others[i] for i in rng.choice(len(others), size=int(rng.integers(1, len(others) + 1)),
                                                  replace=False)]
         target_eq, rest_eqs = self._timbre_eq(rng), [self._timbre_eq(rng) for _ in chosen]
-        target_audio = self._cut(target, start, self.segment, target_eq) * self._gain(rng)
-        rest = [self._cut(s, start, self.segment, eq) * self._gain(rng) for s, eq in zip(chosen, rest_eqs)]
+        target_audio = self._cut(target, start, self.segment, target_eq, speed) * self._gain(rng)
+        rest = [self._cut(s, start, self.segment, eq, speed) * self._gain(rng) for s, eq in zip(chosen, rest_eqs)]
         absent = protocol != "mixture_region" and rng.random() < self.absent_target_p
         query_stem, query = target, None
         if protocol == "same_stem":
-            query = self._query_same_stem(rng, target, start, track.samples, target_eq)
+            query = self._query_same_stem(rng, target, start, track.samples, target_eq, speed)
         elif protocol == "cross_track":
-            query, query_stem = self._query_cross_track(rng, target, target_eq)
+            query, query_stem = self._query_cross_track(rng, target, target_eq, speed)
         elif protocol == "mixture_region":
-            query = self._query_mixture_region(rng, target, chosen, track.samples, [target_eq, *rest_eqs])
+            query = self._query_mixture_region(rng, target, chosen, track.samples, [target_eq, *rest_eqs], speed)
         if query is None:
             return None
         if absent:  # the query's instrument does not play in this mixture
@@ -206,18 +226,21 @@ class TripleSampler:
         scale = min(1.0, 0.99 / peak)
         info = {"track": track.name, "target": target.name, "program": target.program, "family": target.family,
                 "timbre": target.timbre, "start_s": start / self.rate, "absent": bool(absent),
-                "sources": 1 + len(chosen), "query_track": query_stem.track}
+                "sources": 1 + len(chosen), "query_track": query_stem.track, "speed": speed}
         return Triple(mixture * scale, target_audio * scale, query * scale, protocol, info)
 
-    def _query_same_stem(self, rng, stem: Stem, avoid_start: int, limit: int,
-                         eq_db: np.ndarray | None) -> np.ndarray | None:
-        starts = self._active_starts(stem, self.query_len, limit, self.min_active) * self.hop
-        apart = starts[(starts + self.query_len <= avoid_start) | (starts >= avoid_start + self.segment)]
+    def _query_same_stem(self, rng, stem: Stem, avoid_start: int, limit: int, eq_db: np.ndarray | None,
+                         speed: float = 1.0) -> np.ndarray | None:
+        query_span = self._span(self.query_len, speed)
+        starts = self._active_starts(stem, query_span, limit, self.min_active) * self.hop
+        apart = starts[(starts + query_span <= avoid_start) | (starts >= avoid_start + self._span(self.segment, speed))]
         if len(apart) == 0:
             return None
-        return self._cut(stem, int(apart[int(rng.integers(len(apart)))]), self.query_len, eq_db) * self._gain(rng)
+        start = int(apart[int(rng.integers(len(apart)))])
+        return self._cut(stem, start, self.query_len, eq_db, speed) * self._gain(rng)
 
-    def _query_cross_track(self, rng, stem: Stem, eq_db: np.ndarray | None) -> tuple[np.ndarray | None, Stem]:
+    def _query_cross_track(self, rng, stem: Stem, eq_db: np.ndarray | None,
+                           speed: float = 1.0) -> tuple[np.ndarray | None, Stem]:
         candidates = [s for s in self.by_key.get(stem.key, []) if s.track != stem.track]
         if not candidates:
             return None, stem
@@ -226,10 +249,10 @@ class TripleSampler:
         if len(starts) == 0:
             return None, stem
         start = int(starts[int(rng.integers(len(starts)))]) * self.hop
-        return self._cut(other, start, self.query_len, eq_db) * self._gain(rng), other
+        return self._cut(other, start, self.query_len, eq_db, speed) * self._gain(rng), other
 
     def _query_mixture_region(self, rng, target: Stem, chosen: list[Stem], limit: int,
-                              eqs: list[np.ndarray | None]) -> np.ndarray | None:
+                              eqs: list[np.ndarray | None], speed: float = 1.0) -> np.ndarray | None:
         """The mix (target + the same other sources) where the target is loudest relative to the rest."""
         window = self._frames(self.query_len)
         frames = min(len(target.energy), limit // self.hop)
@@ -245,7 +268,7 @@ class TripleSampler:
             return None
         best = np.argsort(score)[-3:]  # one of the three best regions, so it is not always the same one
         start = int(best[int(rng.integers(len(best)))]) * self.hop
-        return sum(self._cut(s, start, self.query_len, eq) for s, eq in zip([target, *chosen], eqs))
+        return sum(self._cut(s, start, self.query_len, eq, speed) for s, eq in zip([target, *chosen], eqs))
 
 
 def apply_eq(audio: np.ndarray, gains_db: np.ndarray, sample_rate: int) -> np.ndarray:

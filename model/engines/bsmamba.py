@@ -63,7 +63,8 @@ class BSMambaEngine(Engine):
     can_refine = True
 
     def __init__(self, *, device: torch.device, weights: str | Path | None = None, refine: bool = False,
-                 steps: int | None = None, refiner_weights: str | Path | None = None, seed: int = 0) -> None:
+                 steps: int | None = None, blend: float | None = None, refiner_weights: str | Path | None = None,
+                 seed: int = 0) -> None:
         super().__init__(device=device)
         path = Path(weights) if weights else weights_paths()[0]
         if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".json").exists():
@@ -78,6 +79,9 @@ class BSMambaEngine(Engine):
         self.refiner_path: Path | None = None
         self.refiner = self._load_refiner(refiner_weights, steps) if refine else None
         self.steps = (steps or self.refiner.config.steps) if self.refiner else None
+        if blend is not None and not 0.0 <= float(blend) <= 1.0:
+            raise StemqueryError(f"blend must be between 0 and 1 (the share of the refiner's correction), got {blend}")
+        self.blend = (self.refiner.config.blend if blend is None else float(blend)) if self.refiner else None
         self.seed = seed
 
     def _load_refiner(self, weights: str | Path | None, steps: int | None):
@@ -100,7 +104,9 @@ class BSMambaEngine(Engine):
 
     @property
     def label(self) -> str:
-        return f"bsmamba-refined{self.steps}" if self.refiner else "bsmamba"
+        if self.refiner is None:
+            return "bsmamba"
+        return f"bsmamba-refined{self.steps}" + ("" if self.blend == 1.0 else f"-blend{self.blend:g}")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -137,7 +143,8 @@ class BSMambaEngine(Engine):
         if self.refiner is not None:
             progress(0.2)
             generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
-            estimate = self.refiner.refine(spec, estimate, query.timbre, steps=self.steps, generator=generator)
+            estimate = self.refiner.refine(spec, estimate, query.timbre, steps=self.steps, blend=self.blend,
+                                           generator=generator)
         target = self.stft.inverse(estimate[0], mix.shape[-1])
         progress(1.0)
         return target.mean(dim=0, keepdim=True) if mix.shape[0] == 1 else target
