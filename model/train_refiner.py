@@ -202,10 +202,10 @@ class RefinerTrainer(TrainingRun):
 
     def validate(self) -> dict:
         """Mean SNR on the first `val_cases` val cases of: the separator alone, separator + refiner (default
-        steps), and three references that need no diffusion and bound what its band-gain correction can do:
-        the estimate through the VAE and back (`vae_roundtrip`: the VAE's own loss), the target's latent decoded
-        (`oracle_latent`: a perfect diffusion model), the target's band magnitudes (`oracle_band_gain`: a perfect
-        VAE too)."""
+        steps), and three references that need no diffusion: the estimate given the band magnitudes of its own
+        VAE round trip (`vae_roundtrip`: what the VAE's error costs where it does not cancel), the correction
+        towards the target's latent (`oracle_latent`: a perfect diffusion model), and towards the target's band
+        magnitudes (`oracle_band_gain`: a perfect VAE too; the ceiling of a band-gain correction)."""
         from stemquery.model.evaluate import case_folders, read_case, snr
 
         if not self.config.val_set.exists():
@@ -217,16 +217,17 @@ class RefinerTrainer(TrainingRun):
             mix_spec, query_spec, target_spec = (self.stft.forward(torch.from_numpy(audio))[None]
                                                  for audio in (case.mixture, case.query, case.target))
             estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
-            frames = estimate.shape[-1]
+            frames, z_estimate = estimate.shape[-1], refiner.encode(estimate)
+            gains = {
+                "vae_roundtrip": refiner.band_gain_to(estimate, refiner.band_magnitude(z_estimate, frames)),
+                "oracle_latent": refiner.latent_gain(refiner.encode(target_spec), z_estimate, frames),
+                "oracle_band_gain": refiner.band_gain_to(estimate, vae.bands.power(target_spec).sqrt()),
+            }
             candidates = {
                 "separator": estimate,
                 "refined": refiner.refine(mix_spec, estimate, vae.timbre_embedding(query_spec),
                                           generator=torch.Generator().manual_seed(0)),
-                "vae_roundtrip": refiner.rescale(estimate, refiner.band_magnitude(refiner.encode(estimate), frames),
-                                                 1.0),
-                "oracle_latent": refiner.rescale(estimate, refiner.band_magnitude(refiner.encode(target_spec), frames),
-                                                 1.0),
-                "oracle_band_gain": refiner.rescale(estimate, vae.bands.power(target_spec).sqrt(), 1.0),
+                **{name: refiner.apply_gain(estimate, gain, 1.0) for name, gain in gains.items()},
             }
             samples = case.mixture.shape[1]
             for name, spec in candidates.items():

@@ -19,7 +19,7 @@ from stemquery.model.train_refiner import VAETrainConfig, vae_losses
 from stemquery.model.vae import TimbrePitchVAE, VAEConfig
 
 TINY_VAE = dict(bands=32, block_channels=(8, 16, 16), pitches=128)
-TINY_REFINER = dict(block_channels=(16, 32), cross_attention_dim=16, steps=3)
+TINY_REFINER = dict(block_channels=(16, 32), cross_attention_dim=16, steps=3, residual=True)
 TINY_SEPARATOR = dict(dim=16, layers=1, bands=8, d_state=8, headdim=16, query_dim=16, chunk=16)
 
 
@@ -82,6 +82,38 @@ def test_refine_keeps_the_shape_of_odd_lengths(frames):
         timbre = refiner.vae.timbre_embedding(spec)
         out = refiner.refine(spec, 0.5 * spec, timbre, steps=2)
     assert out.shape == spec.shape and torch.isfinite(torch.view_as_real(out)).all()
+
+
+def test_a_latent_left_as_it_was_changes_nothing():
+    """The correction is a ratio of two decodings, so the VAE's own reconstruction error cancels."""
+    refiner = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "latent_std": (2.0, 1.0, 3.0, 0.5)}),
+                            TimbrePitchVAE(VAEConfig(**TINY_VAE)))
+    spec = STFT(2048, 1024).forward(clip(3)[None])
+    with torch.no_grad():
+        z = refiner.encode(spec)
+        kept = refiner.apply_gain(spec, refiner.latent_gain(z, z, spec.shape[-1]), 1.0)
+        roundtrip = refiner.apply_gain(spec, refiner.band_gain_to(spec, refiner.band_magnitude(z, spec.shape[-1])),
+                                       1.0)
+    torch.testing.assert_close(kept, spec, rtol=1e-4, atol=1e-5)
+    assert (roundtrip - spec).abs().mean() > 0.1 * spec.abs().mean()  # what an untrained VAE's round trip does
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_residual_sampling_with_an_oracle_of_no_correction_returns_the_estimate(monkeypatch, strength):
+    """With `residual`, the diffusion is over the correction: a denoiser whose answer is always "no correction"
+    (the exact v of a zero clean sample, standing in for the UNet) must leave the estimate's latent as it was."""
+    refiner = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "residual": True}), TimbrePitchVAE(VAEConfig(**TINY_VAE)))
+    alphas = refiner.noise_schedule.alphas_cumprod
+
+    def oracle_of_no_correction(noisy, timestep, z_mix, z_estimate, timbre):
+        alpha = alphas[timestep].view(-1, 1, 1, 1)
+        return alpha.sqrt() * noisy / (1 - alpha).sqrt()
+
+    monkeypatch.setattr(refiner, "denoise", oracle_of_no_correction)
+    z_estimate = torch.randn(1, refiner.vae.config.latent_channels, 16, 8, generator=torch.Generator().manual_seed(0))
+    out = refiner.sample(torch.randn_like(z_estimate), z_estimate, torch.zeros(1, refiner.vae.config.timbre_dim),
+                         steps=5, strength=strength, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, z_estimate, rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_is_deterministic_for_a_seed():
