@@ -113,8 +113,9 @@ class LatentRefiner(nn.Module):
         return (self.denoise(noisy, timestep, z_mix, z_estimate, timbre) - goal).pow(2).mean()
 
     def sampler(self):
-        """A few-step scheduler sharing the training noise schedule."""
-        return SCHEDULERS[self.config.scheduler].from_config(self.noise_schedule.config)
+        """A few-step scheduler sharing the training noise schedule, its steps spaced from the end ("trailing"):
+        with the default "leading" spacing the last step is t = 0, so one step at any strength was a no-op."""
+        return SCHEDULERS[self.config.scheduler].from_config(self.noise_schedule.config, timestep_spacing="trailing")
 
     def sample(self, z_mix: torch.Tensor, z_estimate: torch.Tensor, timbre: torch.Tensor, *, steps: int,
                strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

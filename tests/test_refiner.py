@@ -116,6 +116,16 @@ def test_residual_sampling_with_an_oracle_of_no_correction_returns_the_estimate(
     torch.testing.assert_close(out, z_estimate, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("steps", "strength", "first"), [(1, 0.6, 499), (1, 1.0, 999), (10, 0.6, 587)])
+def test_sampling_starts_at_the_noise_level_of_its_strength(monkeypatch, steps, strength, first):
+    refiner = tiny_refiner()
+    seen = []
+    monkeypatch.setattr(refiner, "denoise", lambda noisy, timestep, *rest: seen.append(int(timestep[0])) or noisy)
+    z = torch.zeros(1, refiner.vae.config.latent_channels, 16, 8)
+    refiner.sample(z, z, torch.zeros(1, refiner.vae.config.timbre_dim), steps=steps, strength=strength)
+    assert len(seen) == steps and seen[0] == first and seen == sorted(seen, reverse=True)
+
+
 def test_sampling_is_deterministic_for_a_seed():
     refiner = tiny_refiner()
     spec = STFT(2048, 1024).forward(clip(3)[None])
