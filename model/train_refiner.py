@@ -6,7 +6,7 @@
 
 VAE loss: L1 reconstruction of the features + kl_weight × KL + pitch_weight × BCE(piano roll from the content part)
 + contrastive_weight × InfoNCE(the pooled timbre of two clips of one stem against the other stems in the batch).
-Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent.
+Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent, or (`residual`) on its correction.
 """
 from __future__ import annotations
 
