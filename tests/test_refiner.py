@@ -182,6 +182,8 @@ def test_refine_on_and_off_through_the_api(tiny_shipped, two_sources):
     assert 0.1 < np.abs(half.target - plain.target).mean() / np.abs(refined.target - plain.target).mean() < 0.9
     with pytest.raises(StemqueryError, match="blend must be between 0 and 1"):
         Separator("bsmamba", device="cpu", refine=True, blend=1.5)
+    with pytest.raises(StemqueryError, match="blend only applies with refine"):
+        Separator("bsmamba", device="cpu", blend=0.5)
 
 
 def test_refine_through_the_cli(tiny_shipped, write_audio, two_sources, tmp_path):

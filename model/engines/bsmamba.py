@@ -66,6 +66,10 @@ class BSMambaEngine(Engine):
                  steps: int | None = None, blend: float | None = None, refiner_weights: str | Path | None = None,
                  seed: int = 0) -> None:
         super().__init__(device=device)
+        if blend is not None and not refine:
+            raise StemqueryError("blend only applies with refine; add refine=1 or leave blend out")
+        if blend is not None and not 0.0 <= float(blend) <= 1.0:
+            raise StemqueryError(f"blend must be between 0 and 1 (the share of the refiner's correction), got {blend}")
         path = Path(weights) if weights else weights_paths()[0]
         if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".json").exists():
             raise StemqueryError(f"engine bsmamba: weights {path.with_suffix('.safetensors')} (and its .json) "
@@ -79,8 +83,6 @@ class BSMambaEngine(Engine):
         self.refiner_path: Path | None = None
         self.refiner = self._load_refiner(refiner_weights, steps) if refine else None
         self.steps = (steps or self.refiner.config.steps) if self.refiner else None
-        if blend is not None and not 0.0 <= float(blend) <= 1.0:
-            raise StemqueryError(f"blend must be between 0 and 1 (the share of the refiner's correction), got {blend}")
         self.blend = (self.refiner.config.blend if blend is None else float(blend)) if self.refiner else None
         self.seed = seed
 
