@@ -130,7 +130,7 @@ def test_snr_level_term_is_lowest_at_the_least_squares_gain():
 def tiny_weights(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = BSMamba(BSMambaConfig(**TINY))
-    path = tmp_path / "bsmamba-v1"
+    path = tmp_path / engine_module.WEIGHTS_NAME
     save_weights(model, path, extra={"note": "untrained, for tests"})
     monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
     return model, path

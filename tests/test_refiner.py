@@ -12,7 +12,7 @@ from stemquery.daw_bridge.spec import SpecError, validate_spec
 from stemquery.model import Separator, StemqueryError
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig
 from stemquery.model.engines import bsmamba as engine_module
-from stemquery.model.engines.bsmamba import REFINER_NAME, save_weights
+from stemquery.model.engines.bsmamba import REFINER_NAME, WEIGHTS_NAME, save_weights
 from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner, save_refiner
 from stemquery.model.stft import STFT
 from stemquery.model.train_refiner import VAETrainConfig, vae_losses
@@ -151,7 +151,7 @@ def test_dpm_solver_and_strength_one_run():
 def tiny_shipped(tmp_path, monkeypatch):
     """Untrained tiny separator and refiner as shipped files in a temporary weights folder (for tests)."""
     torch.manual_seed(0)
-    save_weights(BSMamba(BSMambaConfig(**TINY_SEPARATOR)), tmp_path / "bsmamba-v1", extra={"note": "untrained"})
+    save_weights(BSMamba(BSMambaConfig(**TINY_SEPARATOR)), tmp_path / WEIGHTS_NAME, extra={"note": "untrained"})
     refiner = tiny_refiner()
     save_refiner(refiner, tmp_path / REFINER_NAME, extra={"note": "untrained"})
     monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)

@@ -15,7 +15,7 @@ from stemquery.model.data.dataset import load_corpus, piano_roll
 from stemquery.model.engines.bsmamba import save_weights
 from stemquery.model.bsmamba import BSMamba
 from stemquery.model.refiner import RefinerConfig, load_refiner
-from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, export
+from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, export, query_contrastive_loss
 from stemquery.model.train_refiner import RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer
 from stemquery.model.vae import VAEConfig
 from test_refiner import TINY_REFINER, TINY_SEPARATOR, TINY_VAE
@@ -56,7 +56,8 @@ def test_train_checkpoint_resume_export(tmp_path):
     assert best["step"] == 2 and best["best"] == trainer.curve[0]["si_sdr_i"] == trainer.best
     saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    resumed = SeparatorTrainer(dataclasses.replace(config, max_steps=5))
+    # resumed with the query-contrastive term on (a design change mid-run, as run 6 had): both parts logged
+    resumed = SeparatorTrainer(dataclasses.replace(config, max_steps=5, query_contrastive=0.5))
     resumed.resume(tmp_path / "run" / "last.pt")
     assert resumed.step == 3 and resumed.curve == trainer.curve and resumed.curve[0]["step"] == 2
     for key, value in resumed.model.state_dict().items():
@@ -67,6 +68,9 @@ def test_train_checkpoint_resume_export(tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     assert [r["validation"]["step"] for r in log if "validation" in r] == [2, 4]
+    assert all("contrastive" not in r for r in log if r.get("step", 9) <= 3)
+    late = [r for r in log if r.get("step", 0) > 3]
+    assert all(np.isfinite(r["contrastive"]) and np.isfinite(r["separation"]) for r in late)
 
     export(tmp_path / "run" / "last.pt", tmp_path / "weights" / "model")
     meta = json.loads((tmp_path / "weights" / "model.json").read_text())
@@ -75,6 +79,22 @@ def test_train_checkpoint_resume_export(tmp_path):
     stems = Separator("bsmamba", device="cpu", weights=tmp_path / "weights" / "model").separate(
         mix.T, RATE, [mix.T[:, :RATE]])
     assert stems.target.shape == mix.T.shape
+
+
+def test_query_contrastive_loss_rewards_matching_and_spares_same_instrument():
+    rng = np.random.default_rng(0)
+    embeddings = torch.from_numpy(rng.standard_normal((4, 32))).float()
+    keys = [(1, "a"), (2, "a"), (3, "a"), (4, "a")]
+    matched = query_contrastive_loss(embeddings, embeddings, keys, temperature=0.05)
+    shuffled = query_contrastive_loss(embeddings, embeddings[[1, 2, 3, 0]], keys, temperature=0.05)
+    assert matched < 0.05 and shuffled > 10 * matched
+    # rows 0 and 1 the same instrument with one embedding: without the mask each is as near the other's positive
+    # as its own (loss ≥ ln 2 on those rows); with it, they are not each other's negatives
+    twins = embeddings.clone()
+    twins[1] = twins[0]
+    spared = query_contrastive_loss(twins, twins, [(1, "a"), (1, "a"), (3, "a"), (4, "a")], temperature=0.05)
+    confused = query_contrastive_loss(twins, twins, keys, temperature=0.05)
+    assert spared < 0.05 and confused > 0.3
 
 
 def test_piano_roll_marks_sounding_notes_per_frame():
