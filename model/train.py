@@ -155,16 +155,11 @@ def separation_loss(estimate_spec: torch.Tensor, target: torch.Tensor, mixture: 
     return torch.where(present, correlate + 0.5 * level, silence).mean()
 
 
-def instrument_key(info: dict) -> tuple:
-    """What "the same instrument" means for a drawn triple: GM program (or drums) and SoundFont."""
-    return ("drums" if info["family"] == "drums" else info["program"], info["timbre"].split(":")[0])
-
-
 def query_contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, keys: list, *,
                            temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between each query embedding and the embedding of its own target (batch, dim each).
 
-    Other rows of the batch are the negatives, except those of the same instrument (`keys`), which are left out
+    Other rows of the batch are the negatives, except those of the same instrument (`keys`: `Stem.key`), left out
     rather than pushed away. Why: with a loss on separation alone, the separator's query embedding told the
     instruments of the test set (reserved timbres) apart worse than a contrastively trained one (nearest-neighbour
     same-instrument accuracy 0.17 against 0.46 for the refiner VAE's timbre, benchmarks/query_embeddings.py), and
@@ -365,7 +360,7 @@ class SeparatorTrainer(TrainingRun):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
                 positives = self.model.query_encoder(self.stft.forward(target[present])).embedding
             contrastive = query_contrastive_loss(condition.embedding[present], positives,
-                                                 [instrument_key(triples[i].info) for i in present],
+                                                 [triples[i].info["instrument"] for i in present],
                                                  temperature=self.config.contrastive_temperature)
             self.terms.setdefault("contrastive", []).append(float(contrastive.detach()))
             loss = loss + self.config.query_contrastive * contrastive

@@ -225,7 +225,7 @@ class TripleSampler:
         peak = max(np.abs(mixture).max(), np.abs(query).max(), 1e-6)
         scale = min(1.0, 0.99 / peak)
         info = {"track": track.name, "target": target.name, "program": target.program, "family": target.family,
-                "timbre": target.timbre, "start_s": start / self.rate, "absent": bool(absent),
+                "timbre": target.timbre, "instrument": target.key, "start_s": start / self.rate, "absent": bool(absent),
                 "sources": 1 + len(chosen), "query_track": query_stem.track, "speed": speed}
         return Triple(mixture * scale, target_audio * scale, query * scale, protocol, info)
 
