@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 # Importing stemquery.model sets OMP_WAIT_POLICY=PASSIVE before torch loads (2x faster on 2 cores).
-from stemquery.daw_bridge.jobs import SeparationRequest, run_separation
+from stemquery.daw_bridge.jobs import SeparationRequest, parse_device, range_problem, run_separation
 from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines
 from stemquery.model.api import resolve_device
 
@@ -22,6 +22,8 @@ def parse_range(text: str) -> tuple[float, float]:
         start, end = (float(part) for part in text.split(":"))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not START:END in seconds, e.g. 12.5:16") from None
+    if problem := range_problem(start, end):
+        raise click.BadParameter(problem)
     return start, end
 
 
@@ -53,7 +55,10 @@ def main(verbose: int) -> None:
               help="Run the diffusion refiner after the separator (bsmamba engine).")
 @click.option("--steps", type=click.IntRange(1, 100), default=None,
               help="Refiner diffusion steps [default: the refiner's own, 10].")
-def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, device, refine, steps) -> None:
+@click.option("--allow-truncated", is_flag=True,
+              help="Read a WAV whose data is shorter than its header says (refused by default).")
+def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, device, refine, steps,
+             allow_truncated) -> None:
     """Separate the sound the queries describe from MIX; write target and residual stems."""
     from tqdm import tqdm
 
@@ -67,6 +72,7 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
         bit_depth=int(bit_depth) if bit_depth else None,
         refine=refine,
         steps=steps,
+        allow_truncated=allow_truncated,
     )
     bars: list[tqdm] = []  # created on the first report, so input errors print without a bar
 
@@ -80,14 +86,16 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
     try:
         from stemquery.model import Separator
 
-        separator = Separator(engine, device=resolve_device(device), **request.engine_options)
-        paths = run_separation(separator, request, progress=progress)
+        separator = Separator(engine, device=parse_device(device), **request.engine_options)
+        result = run_separation(separator, request, progress=progress)
     except StemqueryError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         for bar in bars:
             bar.close()
-    for path in paths.values():
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    for path in result.paths.values():
         click.echo(path)
 
 
@@ -113,6 +121,9 @@ def engines() -> None:
 @click.option("--engine", default=None, help=f"Default engine [default: {DEFAULT_ENGINE}].")
 @click.option("--max-duration", "max_duration_s", type=float, default=None, help="Longest input, seconds [1200].")
 @click.option("--max-file-mb", type=float, default=None, help="Largest input file, MB [1024].")
+@click.option("--wait-timeout", "wait_timeout_s", type=float, default=None,
+              help="Seconds a hot-folder file may wait for its pair, or to be complete, before it goes to failed/ "
+                   "[600].")
 @click.option("--poll", is_flag=True, default=None, help="Poll the hot folders (network shares).")
 @click.option("--journal", type=click.Path(path_type=Path), default=None, help="Job journal (SQLite) path.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
@@ -168,9 +179,9 @@ def cache_music21(out, workers) -> None:
 
 @data.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--timbres", type=click.Choice(["train", "val", "test"]), required=True,
-              help="train: training music and SoundFonts; val: held-out music, training SoundFonts; "
-                   "test: held-out music, reserved SoundFonts.")
+@click.option("--timbres", type=click.Choice(["train", "val", "val_unseen", "test"]), required=True,
+              help="train: training music and timbres; val: held-out music, training SoundFonts; val_unseen: "
+                   "held-out music, timbres held out of training; test: held-out music, reserved SoundFonts.")
 @click.option("--hours", type=float, required=True, help="Hours of mixtures to render.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-rate", type=int, default=44100, show_default=True)
@@ -223,12 +234,15 @@ def evalset(corpus, out, cases, seed, segment, query_length) -> None:
                    "irm always are.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write results.json and results.md here [default: EVAL_SET/results].")
-@click.option("--limit", type=int, default=None, help="Only the first N cases.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N cases.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--recompute", is_flag=True,
               help="Ignore per-engine results cached under OUT/cache (after a code change: the cache is keyed by "
                    "weights and options, not by code).")
-def evaluate_command(eval_set, engines, out, limit, device, recompute) -> None:
+@click.option("--query-from", type=click.Choice(["clip", "target"]), default="clip", show_default=True,
+              help="The engines' query: each case's query clip, or its clean target (the perfect example: does the "
+                   "engine match it?) [results then default to EVAL_SET/results_target].")
+def evaluate_command(eval_set, engines, out, limit, device, recompute, query_from) -> None:
     """Score engines on an eval set: SNR, SI-SDR, SDR and their improvement over the mix, and RTF.
 
     Each engine's results are cached per configuration/weights, so after training only the new model runs."""
@@ -236,7 +250,11 @@ def evaluate_command(eval_set, engines, out, limit, device, recompute) -> None:
 
     from tqdm import tqdm
 
-    from stemquery.model.evaluate import evaluate, markdown_report
+    from stemquery.model.evaluate import case_folders, evaluate, markdown_report
+
+    if not case_folders(eval_set):
+        raise click.ClickException(f"{eval_set}: no cases to score (no case_NNN/ folder with a meta.json); build an "
+                                   "eval set with `stemquery data evalset`")
 
     bar = tqdm(total=None, desc="eval", unit="case", file=sys.stderr)
 
@@ -244,10 +262,10 @@ def evaluate_command(eval_set, engines, out, limit, device, recompute) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
-    out = out or eval_set / "results"
+    out = out or eval_set / ("results" if query_from == "clip" else f"results_{query_from}")
     try:
         result = evaluate(eval_set, list(engines), device=device, limit=limit, progress=progress,
-                          cache=None if recompute else out / "cache")
+                          cache=None if recompute else out / "cache", query_from=query_from)
     except StemqueryError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -319,7 +337,7 @@ def train_refiner(config_file, resume, minutes) -> None:
               help="Weights path without suffix, e.g. model/weights/bsmamba-v2")
 def train_export(checkpoint, out) -> None:
     """Write a training checkpoint as shipped weights (.safetensors + .json)."""
-    from stemquery.model.train import export
+    from stemquery.model.export import export
 
     export(checkpoint, out)
     click.echo(f"{out}.safetensors, {out}.json")
@@ -331,7 +349,7 @@ def train_export(checkpoint, out) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG to write.")
 def train_curve(runs, metric, out) -> None:
     """Plot the validation curve (RUN/curve.json) of one or more training runs against steps."""
-    from stemquery.model.train import plot_curves
+    from stemquery.model.training_loop import plot_curves
 
     try:
         plot_curves(list(runs), metric, out)

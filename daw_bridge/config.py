@@ -29,8 +29,11 @@ class ServerConfig:
     heartbeat_s: float = 2.0
     #: Where the SQLite job journal lives; default: inside the first hot folder.
     journal: Path | None = None
-    #: A hand-dropped mix/query pair is taken once neither file has changed size for this long.
+    #: A hand-dropped mix/query pair is taken once neither file has changed size for this long (and a WAV's
+    #: data is as long as its header says).
     stable_s: float = 1.0
+    #: A file in inbox/ still without its pair, or still incomplete, after this long goes to failed/ with the reason.
+    wait_timeout_s: float = 600.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -50,22 +53,39 @@ class ServerConfig:
 
 
 _PATH_LISTS = {"hotfolders", "allow_roots"}
+#: The command line's names for settings whose field name differs (after '-' → '_'): a config file may use either.
+FLAG_NAMES = {"hotfolder": "hotfolders", "allow_root": "allow_roots", "max_duration": "max_duration_s",
+              "wait_timeout": "wait_timeout_s"}
+
+
+def _setting_name(key: str) -> str:
+    key = key.replace("-", "_")
+    return FLAG_NAMES.get(key, key)
 
 
 def load_config(path: Path | None) -> ServerConfig:
-    """Read a TOML config file whose keys are ServerConfig's field names."""
+    """Read a TOML config file whose keys are ServerConfig's field names or `serve`'s flag names
+    (`max_duration_s` or `max-duration`, `hotfolders` or `hotfolder`)."""
     if path is None:
         return ServerConfig()
     try:
-        data = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise StemqueryError(f"{path}: cannot read the config file ({exc}); fix or remove --config") from None
     known = {f.name for f in fields(ServerConfig)} - {"extra"}
-    unknown = set(data) - known
+    data: dict = {}
+    for key, value in raw.items():
+        name = _setting_name(key)
+        if name in data:
+            raise StemqueryError(f"{path}: {key} is given twice (under two names); keep one")
+        data[name] = value
+    unknown = [key for key in raw if _setting_name(key) not in known]
     if unknown:
-        raise StemqueryError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise StemqueryError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+                             " (or the flag names of `stemquery serve`)")
     for key in _PATH_LISTS & set(data):
-        data[key] = tuple(Path(p).expanduser() for p in data[key])
+        value = data[key]
+        data[key] = tuple(Path(p).expanduser() for p in ([value] if isinstance(value, str) else value))
     if "journal" in data:
         data["journal"] = Path(data["journal"]).expanduser()
     return ServerConfig(**data)

@@ -5,7 +5,8 @@
     ROOT/done/JOB/       inputs, stems, result.json
     ROOT/failed/JOB/     inputs, error.json
     ROOT/.tmp/           where writers prepare files before renaming them into inbox/
-    ROOT/status.json     the server's heartbeat (pid, version, device, queue length, updated)
+    ROOT/status.json     the server's heartbeat (pid, version, device, queue length, waiting files, updated)
+    ROOT/.lock           held (flock) by the one server serving this folder; holds its pid
 
 watchdog events only wake the scanner; the scanner lists the folders itself, so events lost while the server was
 down (or never sent, on network shares) cost a moment, not a job.
@@ -16,9 +17,9 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
@@ -26,7 +27,14 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from stemquery.daw_bridge.journal import FINISHED, Job
+from stemquery.model.audio import create_temp_beside, wav_length
 from stemquery.model.errors import StemqueryError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +46,64 @@ SCAN_INTERVAL_S = 0.5
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` whole or not at all: a temp file beside it (mode 0666 less the umask), then a rename."""
+    fd, tmp = create_temp_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+class HotFolderBusy(StemqueryError):
+    code = "busy"
+
+
+class FolderLock:
+    """One server per hot folder: an exclusive lock on ROOT/.lock while the server runs. The OS drops it when the
+    process ends, kill -9 included, so a stale lock cannot block a restart. The file holds the holder's pid."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise HotFolderBusy(f"{self.root}: this hot folder is served by another stemquery server (pid {holder}); "
+                                "stop that one first, or give this one another --hotfolder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+
+def _lock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+@dataclass
+class Waiting:
+    """An inbox file not taken yet, and why; it goes to failed/ once it has waited `wait_timeout_s`."""
+
+    since: float  # time.monotonic()
+    seen_at: float  # time.time(), for status.json
+    reason: str
+    code: str = "bad_request"
 
 
 def safe_job_id(name: str) -> str:
@@ -64,13 +122,18 @@ class _Wake(FileSystemEventHandler):
 class HotFolder:
     """One watched root. The server owns the journal and the worker; this class moves files and writes JSON."""
 
-    def __init__(self, root: Path, server, *, poll: bool, stable_s: float) -> None:
+    def __init__(self, root: Path, server, *, poll: bool, stable_s: float, wait_timeout_s: float = 600.0) -> None:
         self.root = root.expanduser().resolve()
         self.server = server
         self.stable_s = stable_s
+        self.wait_timeout_s = wait_timeout_s
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(self.root)
+        self.lock.acquire()  # before touching anything: a second server must change nothing
         for sub in SUBFOLDERS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._sizes: dict[Path, tuple[int, float]] = {}
+        self._waiting: dict[Path, Waiting] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._observer = (PollingObserver(timeout=1) if poll else Observer())
@@ -90,9 +153,15 @@ class HotFolder:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._observer.stop()
-        self._observer.join(timeout=5)
-        self._thread.join(timeout=5)
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def release(self) -> None:
+        """Give the folder up to the next server (after stop, and after the last status.json is written)."""
+        self.lock.release()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -128,19 +197,48 @@ class HotFolder:
             return False
         return now - previous[1] >= self.stable_s
 
+    def _incomplete(self, path: Path) -> str | None:
+        """Why a file cannot be taken yet although its size may be stable (a WAV shorter than its header)."""
+        length = wav_length(path)
+        return None if length is None or length.complete else f"{path.name}: {length.describe()}"
+
+    def _ready(self, path: Path) -> bool:
+        if not self._stable(path):
+            self._wait(path, f"{path.name}: waiting for its size to settle (a copy may be running)")
+            return False
+        if problem := self._incomplete(path):
+            self._wait(path, f"{problem}; waiting for the copy to finish", code="bad_audio")
+            return False
+        return True
+
+    def _wait(self, path: Path, reason: str, code: str = "bad_request") -> None:
+        entry = self._waiting.get(path)
+        if entry is None:
+            self._waiting[path] = Waiting(time.monotonic(), time.time(), reason, code)
+        else:
+            entry.reason, entry.code = reason, code
+
+    def waiting(self) -> list[dict]:
+        """The inbox files not taken yet, for status.json."""
+        return [{"file": f"inbox/{path.name}", "since": entry.seen_at, "reason": entry.reason,
+                 "fails_after_s": self.wait_timeout_s}
+                for path, entry in sorted(self._waiting.copy().items())]
+
     def scan(self) -> None:
         inbox = self.folder("inbox")
         entries = sorted(p for p in inbox.iterdir() if p.is_file() and not IGNORED.search(p.name))
-        pairs: dict[str, dict[str, Path]] = {}
+        groups: dict[str, dict[str, list[Path]]] = {}
         for path in entries:
             if path.name.endswith(JOB_SUFFIX):
-                if self._stable(path) or path.stat().st_size > 0 and self._parses(path):
+                if self._job_file_ready(path):
                     self._take_job_file(path)
             elif match := PAIR.match(path.name):
-                pairs.setdefault(match["name"], {})[match["role"]] = path
-        for name, pair in pairs.items():
-            if len(pair) == 2 and all(self._stable(p) for p in pair.values()):
-                self._take_pair(name, pair["mix"], pair["query"])
+                groups.setdefault(match["name"], {"mix": [], "query": []})[match["role"]].append(path)
+            elif not path.name.endswith(".cancel"):
+                self._wait(path, f"{path.name}: not a job; name a pair NAME.mix.EXT and NAME.query.EXT, "
+                                 f"or write NAME{JOB_SUFFIX} (docs/hotfolder.md)")
+        for name, group in groups.items():
+            self._consider_pair(name, group)
         # Cancels after jobs: a job and its cancel can arrive in the same scan.
         for path in inbox.glob("*.cancel"):
             job = path.name[: -len(".cancel")]
@@ -151,6 +249,50 @@ class HotFolder:
             if (job_dir / "cancel").exists():
                 self.server.cancel(job_dir.name)
         self._sizes = {p: v for p, v in self._sizes.items() if p.exists()}
+        self._waiting = {p: v for p, v in self._waiting.items() if p.exists()}
+        self._fail_overdue()
+
+    def _consider_pair(self, name: str, group: dict[str, list[Path]]) -> None:
+        files = group["mix"] + group["query"]
+        for role, other in (("mix", "query"), ("query", "mix")):
+            if len(group[role]) > 1:
+                names = ", ".join(p.name for p in group[role])
+                for path in files:
+                    self._wait(path, f"{len(group[role])} {role} files named {name} ({names}); keep one")
+                return
+            if not group[other]:
+                (path,) = group[role]
+                self._wait(path, f"{path.name}: waiting for its pair {name}.{other}.EXT")
+                return
+        if all([self._ready(p) for p in files]):  # a list: every file's readiness is tracked, not just the first
+            self._take_pair(name, group["mix"][0], group["query"][0])
+
+    def _job_file_ready(self, path: Path) -> bool:
+        if not (self._stable(path) or path.stat().st_size > 0 and self._parses(path)):
+            self._wait(path, f"{path.name}: waiting for it to be complete JSON")
+            return False
+        for beside in self._files_beside(path):
+            if problem := self._incomplete(beside):
+                self._wait(path, f"{problem}; waiting for the copy to finish", code="bad_audio")
+                return False
+        return True
+
+    def _fail_overdue(self) -> None:
+        """Files that waited wait_timeout_s go to failed/NAME/ (a pair's files together) with error.json saying why;
+        the files themselves are kept there."""
+        now = time.monotonic()
+        for path, entry in sorted(self._waiting.items(), key=lambda item: item[1].since):
+            if now - entry.since < self.wait_timeout_s or not path.exists():
+                continue
+            match = PAIR.match(path.name)
+            name = match["name"] if match else path.name.removesuffix(JOB_SUFFIX)
+            together = [p for p in self.folder("inbox").iterdir()
+                        if (m := PAIR.match(p.name)) and m["name"] == name] if match else [path]
+            job_dir = self._new_job_dir(name)
+            for item in together:
+                os.replace(item, job_dir / item.name)
+            self._reject(job_dir, entry.code, f"{entry.reason}; gave up after {self.wait_timeout_s:g} s in inbox/ "
+                                              "(--wait-timeout)")
 
     @staticmethod
     def _parses(path: Path) -> bool:
@@ -179,17 +321,29 @@ class HotFolder:
             os.replace(path, job_dir / "job.json")
             self._reject(job_dir, "bad_request", f"{path.name}: not valid JSON ({exc}); see docs/hotfolder.md")
             return
-        # Files the job names by a bare relative name, placed beside it in the inbox, move with it.
-        if isinstance(raw, dict):
-            names = [raw.get("mix")] + (raw.get("query") if isinstance(raw.get("query"), list)
-                                        else str(raw.get("query") or "").split("|"))
-            for name in names:
-                if isinstance(name, str) and name and "/" not in name and "\\" not in name and name != "..":
-                    beside = path.parent / name
-                    if beside.is_file():
-                        os.replace(beside, job_dir / name)
+        for beside in self._files_beside(path, raw):  # files it names by a bare name move with it
+            os.replace(beside, job_dir / beside.name)
         os.replace(path, job_dir / "job.json")
         self._submit_folder(job_dir)
+
+    @classmethod
+    def _files_beside(cls, path: Path, raw=None) -> list[Path]:
+        """The files a job file names by a bare file name that lie beside it in the inbox."""
+        if raw is None:
+            try:
+                raw = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return []
+        if not isinstance(raw, dict):
+            return []
+        names = [raw.get("mix")] + (raw.get("query") if isinstance(raw.get("query"), list)
+                                    else str(raw.get("query") or "").split("|"))
+        found = []
+        for name in names:
+            if isinstance(name, str) and name and "/" not in name and "\\" not in name and name != "..":
+                if (path.parent / name).is_file():
+                    found.append(path.parent / name)
+        return found
 
     def _take_pair(self, name: str, mix: Path, query: Path) -> None:
         job_dir = self._new_job_dir(name)
@@ -213,11 +367,22 @@ class HotFolder:
 
     def _reject(self, job_dir: Path, code: str, message: str) -> None:
         """A job that cannot even be queued: it goes straight to failed/, inputs intact."""
-        log.warning("hot-folder job %s refused: %s", job_dir.name, message)
-        write_json_atomic(job_dir / "error.json", {"code": code, "message": message})
-        write_json_atomic(job_dir / "status.json", {"state": "failed", "progress": 0.0, "stage": "",
-                                                    "error": {"code": code, "message": message}})
-        os.replace(job_dir, self.folder("failed") / job_dir.name)
+        final = self._final_dir(job_dir.name, "failed")
+        error = {"code": code, "message": message.replace(str(job_dir), str(final))}
+        log.warning("hot-folder job %s refused (%s): %s", job_dir.name, code, error["message"])
+        write_json_atomic(job_dir / "error.json", error)
+        write_json_atomic(job_dir / "status.json", {"job": job_dir.name, "state": "failed", "progress": 0.0,
+                                                    "stage": "", "error": error, "updated": time.time()})
+        os.replace(job_dir, final)
+
+    def _final_dir(self, job_id: str, state: str) -> Path:
+        """done/JOB or failed/JOB, made unique with -2, -3, ...: never overwrite an earlier job's folder."""
+        final = self.folder("done" if state == "done" else "failed") / job_id
+        n = 1
+        while final.exists():
+            n += 1
+            final = final.with_name(f"{job_id}-{n}")
+        return final
 
     # -- job events → files -------------------------------------------------------------------------------------
     def owns(self, job: Job) -> bool:
@@ -239,23 +404,22 @@ class HotFolder:
             self.write_status(job, **data)
 
     def _finalise(self, job: Job) -> None:
-        """Write result.json or error.json, then move the job folder to done/ or failed/ in one rename."""
+        """Write result.json or error.json, then move the job folder to done/ or failed/ in one rename. Paths in
+        them name the files where they end up, not processing/."""
         job_dir = self.folder("processing") / job.id
         if not job_dir.is_dir():
             return
-        final = self.folder("done" if job.state == "done" else "failed") / job.id
+        final = self._final_dir(job.id, job.state)
+        error = job.error
         if job.state == "done":
-            result = {name: str(final / Path(p).name) if Path(p).parent == job_dir else p
-                      for name, p in (job.result or {}).items()}
-            write_json_atomic(job_dir / "result.json", {"job": job.id, "stems": result})
+            stems = {name: str(final / Path(p).name) if Path(p).parent == job_dir else p
+                     for name, p in job.stems.items()}
+            write_json_atomic(job_dir / "result.json", {"job": job.id, "stems": stems, "warnings": job.warnings})
         else:
             error = job.error or {"code": "cancelled", "message": f"job {job.id} was cancelled"}
+            error = {**error, "message": error["message"].replace(str(job_dir), str(final))}
             write_json_atomic(job_dir / "error.json", error)
         write_json_atomic(job_dir / "status.json", {"job": job.id, "state": job.state, "progress": job.progress,
-                                                    "stage": job.stage, "error": job.error, "updated": time.time()})
+                                                    "stage": job.stage, "error": error, "updated": time.time()})
         (job_dir / "cancel").unlink(missing_ok=True)
-        n = 1
-        while final.exists():  # never overwrite an earlier job's folder
-            n += 1
-            final = final.with_name(f"{job.id}-{n}")
         os.replace(job_dir, final)

@@ -4,16 +4,25 @@ Reads the inputs, enforces the limits, runs the Separator, writes both stems all
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
+import torch
 
 from stemquery.model import Separator
-from stemquery.model.api import DEFAULT_ENGINE, check_query
-from stemquery.model.audio import OutputFormat, check_writable_folder, read_audio, write_audio_files
+from stemquery.model.api import DEFAULT_ENGINE, Stems, check_query, resolve_device
+from stemquery.model.audio import (OutputFormat, check_writable_folder, pcm_codes, pcm_range, read_audio,
+                                   temp_pattern, write_audio_files)
 from stemquery.model.engines.base import ProgressCallback
-from stemquery.model.errors import AudioInputError, QueryError
+from stemquery.model.errors import AudioInputError, OutputError, QueryError, StemqueryError
+
+#: Stored in each stem's metadata, followed by the mix's path: a stem of another mix is never overwritten silently.
+PROVENANCE = "stemquery: stems of "
+#: The device types a --device may name (torch knows more, but stemquery runs on these).
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class SeparationRequest:
     #: Run the diffusion refiner after the separator (bsmamba only), with this many steps (None: its default).
     refine: bool = False
     steps: int | None = None
+    #: Read a WAV whose data is shorter than its header says (refused by default: a copy may still be running).
+    allow_truncated: bool = False
 
     @property
     def engine_options(self) -> dict:
@@ -59,6 +70,38 @@ class SeparationRequest:
         ext = self.output_format.extension
         return {stem: Path(self.out_dir) / f"{Path(self.mix).stem}_({stem})_{engine}.{ext}"
                 for stem in ("target", "residual")}
+
+
+@dataclass(frozen=True)
+class SeparationResult:
+    #: {'target': path, 'residual': path}
+    paths: dict[str, Path]
+    #: Things the user should know that did not stop the job (e.g. a stem clipped at an integer bit depth).
+    warnings: list[str] = field(default_factory=list)
+
+
+def range_problem(start: float, end: float) -> str | None:
+    """What is wrong with a query range on its face (before the mix's length is known), or None."""
+    if not (math.isfinite(start) and math.isfinite(end)):
+        return f"query range {start:g}:{end:g} is not a pair of numbers of seconds"
+    if start < 0:
+        return f"query range {start:g}:{end:g} starts before 0 s (negative); give START:END from the mix's start"
+    if end <= start:
+        return (f"query range {start:g}:{end:g} is reversed or empty (its end is not after its start); "
+                f"give START:END, e.g. {min(start, end):g}:{max(start, end):g}")
+    return None
+
+
+def parse_device(text: str) -> torch.device:
+    """--device / the device setting as a torch device, or a StemqueryError saying what to give instead."""
+    try:
+        device = resolve_device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise StemqueryError(f"device {text!r} is not a device name ({str(exc).splitlines()[0][:60]}); "
+                             "use auto, cpu or cuda") from None
+    if device.type not in DEVICE_TYPES or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise StemqueryError(f"device {text!r} is not available to stemquery here; use auto, cpu or cuda")
+    return device
 
 
 def check_limits(path: Path, limits: Limits) -> None:
@@ -96,17 +139,32 @@ def run_separation(
     *,
     progress: ProgressCallback | None = None,
     limits: Limits = Limits(),
-) -> dict[str, Path]:
-    """Run one request; return {'target': path, 'residual': path}. Nothing is written unless both stems are."""
+) -> SeparationResult:
+    """Run one request. Nothing is written unless both stems are; a failure removes the folders it created."""
+    created = _missing_folders(Path(request.out_dir))
+    try:
+        return _run(separator, request, progress, limits)
+    except BaseException:
+        for folder in created:  # deepest first; only if still empty
+            _remove_empty(folder)
+        raise
+
+
+def _run(separator: Separator, request: SeparationRequest, progress: ProgressCallback | None,
+         limits: Limits) -> SeparationResult:
     fmt = request.output_format
+    for start, end in request.query_ranges:
+        if problem := range_problem(start, end):
+            raise QueryError(problem)
     for path in [request.mix, *request.queries]:
         check_limits(Path(path), limits)
-    mix, rate = read_audio(request.mix)
+    mix, rate = read_audio(request.mix, allow_truncated=request.allow_truncated)
     mix = cut_window(mix, rate, request.mix_window, request.mix)
+    check_headroom(mix, fmt, request.mix)
     queries = []
     windows = request.query_windows or [None] * len(request.queries)
     for path, window in zip(request.queries, windows):
-        clip, clip_rate = read_audio(path)
+        clip, clip_rate = read_audio(path, allow_truncated=request.allow_truncated)
         clip = cut_window(clip, clip_rate, window, path)
         if clip_rate != rate:
             raise QueryError(f"{path}: query is at {clip_rate} Hz but the mix {request.mix} is at {rate} Hz; "
@@ -114,7 +172,86 @@ def run_separation(
         check_query(clip, rate, name=f"{path}: query")
         queries.append(clip)
     out_dir = check_writable_folder(request.out_dir)
+    paths = {name: out_dir / path.name for name, path in request.output_paths(separator.engine.label).items()}
+    for name, path in paths.items():
+        check_not_another_mixes_stem(path, request.mix)
     stems = separator.separate(mix, rate, queries, query_ranges=request.query_ranges, progress=progress)
-    paths = {name: out_dir / path.name for name, path in request.output_paths(stems.engine).items()}
-    write_audio_files({paths[name]: audio for name, audio in stems.items()}, rate, fmt)
-    return paths
+    arrays, warnings = stems_to_write(mix, stems, fmt)
+    write_audio_files({paths[name]: audio for name, audio in arrays.items()}, rate, fmt,
+                      comment=PROVENANCE + str(Path(request.mix).resolve()))
+    return SeparationResult(paths, warnings)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists() or candidate.is_symlink():
+            break
+        missing.append(candidate)
+    return missing
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty, or gone: leave it
+
+
+def check_headroom(mix: np.ndarray, fmt: OutputFormat, path: Path) -> None:
+    """Refuse, before any work, to write integer stems of a mix that goes over full scale: they would clip."""
+    if fmt.subtype == "FLOAT":
+        return
+    peak = float(np.abs(mix).max(initial=0.0))
+    if peak > 1.0:
+        raise OutputError(
+            f"{path}: peaks at {peak:.2f} ({20 * math.log10(peak):+.1f} dBFS), over full scale: "
+            f"{fmt.bit_depth}-bit {fmt.container.upper()} stems would clip; write 32-bit float WAV "
+            "(--format wav --bit-depth 32, or bit_depth 32) or lower the mix's level")
+
+
+def stems_to_write(mix: np.ndarray, stems: Stems, fmt: OutputFormat) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays to write, and warnings. For integer formats: the target quantised, and the residual the
+    quantised mix minus it, so target + residual == mix sample for sample whenever the mix was integer PCM at
+    this depth (and otherwise the mix quantised). Codes past full scale are clipped, with a warning."""
+    if fmt.subtype == "FLOAT":
+        return dict(stems.items()), []
+    target = pcm_codes(stems.target, fmt.bit_depth)
+    residual = pcm_codes(mix, fmt.bit_depth) - target
+    warnings = []
+    low, high = pcm_range(fmt.bit_depth)
+    for name, codes in (("target", target), ("residual", residual)):
+        over = int(np.count_nonzero((codes < low) | (codes > high)))
+        if over:
+            peak = float(np.abs(codes).max()) / (high + 1)
+            warnings.append(
+                f"the {name} stem peaks at {peak:.2f} ({20 * math.log10(max(peak, 1e-9)):+.1f} dBFS): {over} "
+                f"sample(s) clipped at {fmt.bit_depth} bits, so target + residual differs from the mix there; "
+                "write 32-bit float WAV to keep them")
+    return {"target": target, "residual": residual}, warnings
+
+
+def check_not_another_mixes_stem(path: Path, mix: Path) -> None:
+    """Refuse to overwrite a stem written from another mix (e.g. song.wav's, when separating song.flac)."""
+    if not path.is_file():
+        return
+    try:
+        comment = sf.SoundFile(str(path)).comment or ""
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        return  # not a stem we wrote: the rename replaces it, as any writer would
+    source = comment[len(PROVENANCE):]
+    if comment.startswith(PROVENANCE) and source != str(Path(mix).resolve()):
+        raise OutputError(f"{path}: holds a stem of {source}, another mix with the same name; separate into "
+                          "another output folder (-o, out_dir) or rename one of the mixes")
+
+
+def clean_orphan_parts(request: SeparationRequest, engine_label: str) -> list[Path]:
+    """Remove the temp files a killed run of this request left beside its stems (`.NAME.RANDOM.part`)."""
+    removed = []
+    for path in request.output_paths(engine_label).values():
+        if path.parent.is_dir():
+            for orphan in path.parent.glob(temp_pattern(path)):
+                orphan.unlink(missing_ok=True)
+                removed.append(orphan)
+    return removed

@@ -53,6 +53,17 @@ class Job:
     result: dict | None
     attempts: int
 
+    @property
+    def stems(self) -> dict[str, str]:
+        """{'target': path, 'residual': path} of a done job (older journals kept them as the whole result)."""
+        result = self.result or {}
+        stems = result.get("stems")
+        return stems if isinstance(stems, dict) else result
+
+    @property
+    def warnings(self) -> list[str]:
+        return list((self.result or {}).get("warnings") or [])
+
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
         def load(text):

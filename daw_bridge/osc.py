@@ -1,13 +1,16 @@
-"""The OSC front end: UDP and TCP (OSC 1.1, SLIP-framed) on the same port number. See docs/osc.md.
+"""The OSC front end: UDP, and TCP on the same port number (OSC 1.1 SLIP frames or OSC 1.0 length-prefixed
+packets, told apart by the first byte). See docs/osc.md.
 
-Every packet gets an answer: a reply, or `/stemquery/error req code message`. Nothing a client sends can raise
-out of a handler: parsing, type checks and path checks all end in an error reply.
+Every packet gets an answer: a reply, or `/stemquery/error req code message`, sent where the request's
+`reply_port` says. Nothing a client sends can raise out of a handler: parsing, type checks and path checks all end
+in an error reply, and every refusal is logged.
 """
 from __future__ import annotations
 
 import logging
 import socket
 import socketserver
+import struct
 import threading
 import uuid
 from dataclasses import dataclass
@@ -52,10 +55,24 @@ class UdpReply(ReplyChannel):
     def persistent(self) -> dict:
         return {"host": self.host, "port": self.port}
 
+    def __str__(self) -> str:
+        return f"udp {self.host}:{self.port}"
+
+
+def slip_frame(packet: bytes) -> bytes:
+    return slip.encode(packet)
+
+
+def length_frame(packet: bytes) -> bytes:
+    return struct.pack(">I", len(packet)) + packet
+
 
 class TcpReply(ReplyChannel):
-    def __init__(self, conn: socket.socket) -> None:
+    """Replies on the request's connection, in the framing the client used (SLIP or length-prefixed)."""
+
+    def __init__(self, conn: socket.socket, frame: Callable[[bytes], bytes] = slip_frame) -> None:
         self.conn = conn
+        self.frame = frame
         self.lock = threading.Lock()
         self.open = True
 
@@ -64,9 +81,16 @@ class TcpReply(ReplyChannel):
             return
         try:
             with self.lock:
-                self.conn.sendall(slip.encode(build(address, args)))
+                self.conn.sendall(self.frame(build(address, args)))
         except OSError:
             self.open = False
+
+    def __str__(self) -> str:
+        try:
+            host, port = self.conn.getpeername()[:2]
+            return f"tcp {host}:{port}"
+        except OSError:
+            return "tcp (closed)"
 
 
 def build(address: str, args) -> bytes:
@@ -78,6 +102,22 @@ def build(address: str, args) -> bytes:
 
 class OscRequestError(StemqueryError):
     code = "bad_request"
+
+
+def redirect(args: list, reply: ReplyChannel) -> tuple[list, ReplyChannel]:
+    """Take a `reply_port P` pair (the last one) out of any request's arguments; over UDP, answer on port P of
+    the sender's host from now on. A bad port is refused (to the sender: there is nowhere else to answer)."""
+    spots = [i for i in range(len(args) - 1) if args[i] == "reply_port"]
+    if not spots:
+        return args, reply
+    index = spots[-1]
+    port = _int(args[index + 1], "reply_port")
+    if not 1 <= port <= 65535:
+        raise OscRequestError(f"reply_port {port} is not a port number (1-65535)")
+    rest = args[:index] + args[index + 2:]
+    if isinstance(reply, UdpReply):
+        return rest, UdpReply(reply.sock, reply.host, port)
+    return rest, reply  # TCP: replies come back on the connection
 
 
 def _string(args: list, index: int, name: str, *, optional: bool = False) -> str:
@@ -124,7 +164,7 @@ class OscApi:
         try:
             messages = list(self._messages(data))
         except Exception as exc:  # python-osc raises ParseError, but also struct/unicode errors on garbage
-            reply.send(f"{PREFIX}/error", "", "parse_error", f"not an OSC packet ({exc})"[:500])
+            self.refuse(reply, "", "parse_error", f"not an OSC packet ({exc})"[:500], what=f"{len(data)} bytes")
             return
         for message in messages:
             self._handle_message(message, reply)
@@ -141,14 +181,22 @@ class OscApi:
         req_id = args[0] if args and isinstance(args[0], str) else ""
         handler = self.handlers.get(message.address)
         try:
+            args, reply = redirect(args, reply)  # first, so that every answer, errors too, goes to reply_port
             if handler is None:
                 raise OscRequestError(f"unknown address {message.address[:200]}; see docs/osc.md")
             handler(args, reply)
         except StemqueryError as exc:
-            reply.send(f"{PREFIX}/error", req_id[:200], exc.code, str(exc)[:1000])
+            self.refuse(reply, req_id, exc.code, str(exc), what=message.address)
         except Exception as exc:
             log.exception("OSC handler for %s failed", message.address)
-            reply.send(f"{PREFIX}/error", req_id[:200], "internal", f"{type(exc).__name__}: {exc}"[:1000])
+            self.refuse(reply, req_id, "internal", f"{type(exc).__name__}: {exc}", what=message.address)
+
+    @staticmethod
+    def refuse(reply: ReplyChannel, req_id: str, code: str, message: str, *, what: str) -> None:
+        """Answer a refused request with /stemquery/error, and log it."""
+        log.warning("refused %s (req %r), answered on %s: %s: %s", what[:200], req_id[:100], reply, code,
+                    message[:500])
+        reply.send(f"{PREFIX}/error", req_id[:200], code, message[:1000])
 
     # -- addresses ----------------------------------------------------------------------------------------------
     def _separate(self, args: list, reply: ReplyChannel) -> None:
@@ -163,11 +211,7 @@ class OscApi:
             if not isinstance(key, str) or key not in OPTION_KEYS:
                 raise OscRequestError(f"unknown option {key!r}; options: {', '.join(sorted(OPTION_KEYS))}")
             if key == "reply_port":
-                port = _int(value, "reply_port")
-                if not 1 <= port <= 65535:
-                    raise OscRequestError(f"reply_port {port} is not a port number")
-                if isinstance(reply, UdpReply):
-                    reply = UdpReply(reply.sock, reply.host, port)
+                continue  # an earlier pair of two: `redirect` applied the last one
             elif key in ("query_start", "query_end"):
                 try:
                     query_range[key] = float(value)
@@ -236,7 +280,9 @@ class OscApi:
         if event == "progress":
             channel.send(f"{PREFIX}/progress", req_id, job.id, float(data["fraction"]), data["stage"])
         elif event == "done":
-            for name, path in job.result.items():
+            for warning in job.warnings:
+                channel.send(f"{PREFIX}/warning", req_id, job.id, warning)
+            for name, path in job.stems.items():
                 channel.send(f"{PREFIX}/stem", req_id, name, path)
             channel.send(f"{PREFIX}/done", req_id, job.id)
         elif event in ("failed", "cancelled"):
@@ -255,33 +301,65 @@ class _UdpHandler(socketserver.BaseRequestHandler):
 
 
 class _TcpHandler(socketserver.BaseRequestHandler):
-    """OSC 1.1 stream: SLIP frames, handled as they complete; replies go back on the same connection."""
+    """An OSC stream, framed as the client's first byte says: 0xC0 (or a packet's own '/' or '#') SLIP, as OSC 1.1
+    and python-osc send; 0x00 a 4-byte big-endian length before each packet, as OSC 1.0 and liblo's osc.tcp://
+    send. Replies go back on the same connection in the same framing."""
 
     def handle(self) -> None:
-        reply = TcpReply(self.request)
-        buffer = b""
         try:
-            while True:
-                chunk = self.request.recv(65536)
-                if not chunk:
-                    break
-                buffer += chunk
-                *frames, buffer = buffer.split(slip.END)
-                for frame in frames:
-                    if frame:
-                        try:
-                            packet = slip.decode(slip.END + frame + slip.END)
-                        except Exception:
-                            reply.send(f"{PREFIX}/error", "", "parse_error", "bad SLIP framing")
-                            continue
-                        self.server.api.handle_packet(packet, reply)
-                if len(buffer) > MAX_TCP_FRAME:
-                    reply.send(f"{PREFIX}/error", "", "parse_error", f"frame longer than {MAX_TCP_FRAME} bytes")
-                    break
+            first = self.request.recv(1, socket.MSG_PEEK)
+            if not first:
+                return
+            if first == b"\x00":
+                self._serve(TcpReply(self.request, length_frame), self._length_frames)
+            elif first in (slip.END, b"/", b"#"):
+                self._serve(TcpReply(self.request, slip_frame), self._slip_frames)
+            else:
+                OscApi.refuse(TcpReply(self.request), "", "parse_error",
+                              f"unknown TCP framing (first byte 0x{first[0]:02x}): send SLIP frames (OSC 1.1, "
+                              "0xC0 ... 0xC0) or 4-byte big-endian length-prefixed packets (OSC 1.0)", what="tcp stream")
         except OSError:
             pass
+
+    def _serve(self, reply: TcpReply, frames) -> None:
+        try:
+            for packet in frames(reply):
+                self.server.api.handle_packet(packet, reply)
         finally:
             reply.open = False
+
+    def _chunks(self):
+        while chunk := self.request.recv(65536):
+            yield chunk
+
+    def _slip_frames(self, reply: TcpReply):
+        buffer = b""
+        for chunk in self._chunks():
+            buffer += chunk
+            *frames, buffer = buffer.split(slip.END)
+            for frame in filter(None, frames):
+                try:
+                    yield slip.decode(slip.END + frame + slip.END)
+                except Exception:
+                    OscApi.refuse(reply, "", "parse_error", "bad SLIP framing", what="tcp frame")
+            if len(buffer) > MAX_TCP_FRAME:
+                OscApi.refuse(reply, "", "parse_error", f"frame longer than {MAX_TCP_FRAME} bytes", what="tcp frame")
+                return
+
+    def _length_frames(self, reply: TcpReply):
+        buffer = b""
+        for chunk in self._chunks():
+            buffer += chunk
+            while len(buffer) >= 4:
+                (size,) = struct.unpack(">I", buffer[:4])
+                if size > MAX_TCP_FRAME:
+                    OscApi.refuse(reply, "", "parse_error", f"packet of {size} bytes is longer than {MAX_TCP_FRAME}",
+                                  what="tcp frame")
+                    return
+                if len(buffer) < 4 + size:
+                    break
+                packet, buffer = buffer[4: 4 + size], buffer[4 + size:]
+                yield packet
 
 
 class OscUdpServer(socketserver.ThreadingUDPServer):

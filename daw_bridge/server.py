@@ -11,13 +11,13 @@ from pathlib import Path
 
 from stemquery.daw_bridge.config import ServerConfig
 from stemquery.daw_bridge.hotfolder import HotFolder, write_json_atomic
-from stemquery.daw_bridge.jobs import Limits
+from stemquery.daw_bridge.jobs import Limits, parse_device
 from stemquery.daw_bridge.journal import Job, Journal
 from stemquery.daw_bridge.osc import OscApi, OscTcpServer, OscUdpServer
 from stemquery.daw_bridge.paths import PathPolicy
 from stemquery.daw_bridge.spec import resolve_spec_paths, validate_spec
 from stemquery.daw_bridge.worker import SeparatorPool, Worker
-from stemquery.model import available_engines
+from stemquery.model import StemqueryError, available_engines
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +29,38 @@ class StemqueryServer:
         if config.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: other machines on the network can send jobs to this server", config.host)
         self.policy = PathPolicy(config.roots)
-        self.journal = Journal(config.journal_path)
-        self.pool = SeparatorPool(config.engine, config.device)
-        self.worker = Worker(self.journal, self.pool, Limits(config.max_duration_s, config.max_file_mb),
-                             self.resolve_for_run)
-        self.osc = OscApi(self)
-        self.udp = OscUdpServer((config.host, config.osc_port), self.osc)
-        self.tcp = OscTcpServer((config.host, self.udp.server_address[1]), self.osc)
-        self.hotfolders = [HotFolder(root, self, poll=config.poll, stable_s=config.stable_s)
-                           for root in config.hotfolders]
+        device = parse_device(config.device)
+        self.hotfolders: list[HotFolder] = []
+        try:
+            for root in config.hotfolders:  # first: each takes its folder's lock, so a second server changes nothing
+                self.hotfolders.append(HotFolder(root, self, poll=config.poll, stable_s=config.stable_s,
+                                                 wait_timeout_s=config.wait_timeout_s))
+            self.journal = Journal(config.journal_path)
+            self.pool = SeparatorPool(config.engine, str(device))
+            self.worker = Worker(self.journal, self.pool, Limits(config.max_duration_s, config.max_file_mb),
+                                 self.resolve_for_run)
+            self.osc = OscApi(self)
+            self.udp, self.tcp = self._bind(config.host, config.osc_port)
+        except BaseException:
+            for folder in self.hotfolders:
+                folder.release()
+            raise
         self.worker.listeners = [self.osc, *self.hotfolders]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    def _bind(self, host: str, port: int) -> tuple[OscUdpServer, OscTcpServer]:
+        try:
+            udp = OscUdpServer((host, port), self.osc)
+        except OSError as exc:
+            raise StemqueryError(f"cannot listen for OSC on {host}:{port} (UDP): {exc.strerror or exc}; another "
+                                 "program (another stemquery serve?) may use it: give --osc-port") from None
+        try:
+            return udp, OscTcpServer((host, udp.server_address[1]), self.osc)
+        except OSError as exc:
+            udp.server_close()
+            raise StemqueryError(f"cannot listen for OSC on {host}:{udp.server_address[1]} (TCP): "
+                                 f"{exc.strerror or exc}; give another --osc-port") from None
 
     @property
     def udp_socket(self):
@@ -108,7 +128,7 @@ class StemqueryServer:
         status = {**self.status(), "state": state}
         for folder in self.hotfolders:
             try:
-                write_json_atomic(folder.root / "status.json", status)
+                write_json_atomic(folder.root / "status.json", {**status, "waiting": folder.waiting()})
             except OSError:
                 log.exception("cannot write the heartbeat in %s", folder.root)
 
@@ -140,6 +160,8 @@ class StemqueryServer:
         self.udp.server_close()
         self.tcp.server_close()
         self.journal.close()
+        for folder in self.hotfolders:
+            folder.release()
 
     def serve_forever(self) -> None:
         def stop(signum, frame):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stemquery.daw_bridge.jobs import SeparationRequest
+from stemquery.daw_bridge.jobs import SeparationRequest, range_problem
 from stemquery.daw_bridge.paths import PathPolicy
 from stemquery.model.api import DEFAULT_ENGINE
 from stemquery.model.audio import OutputFormat
@@ -62,6 +62,14 @@ def _window(value, key: str) -> list[float] | None:
     return [start, length]
 
 
+def _as_spec_error(check, *args):
+    """A request's own mistake (unknown engine, FLAC at 32 bits) is a bad_request, whatever code `check` uses."""
+    try:
+        return check(*args)
+    except StemqueryError as exc:
+        raise SpecError(str(exc)) from None
+
+
 def validate_spec(raw: dict) -> dict:
     """Check types and values (not paths); return a normalised copy."""
     if not isinstance(raw, dict):
@@ -85,6 +93,9 @@ def validate_spec(raw: dict) -> dict:
         ranges = [(float(a), float(b)) for a, b in ranges]
     except (TypeError, ValueError):
         raise SpecError("query_ranges must be a list of [start, end] seconds") from None
+    for start, end in ranges:
+        if problem := range_problem(start, end):
+            raise SpecError(problem)
     mix_window = _window(raw.get("mix_window"), "mix_window")
     query_windows = raw.get("query_windows") or [None] * len(queries)
     if not isinstance(query_windows, list) or len(query_windows) != len(queries):
@@ -103,8 +114,8 @@ def validate_spec(raw: dict) -> dict:
     if spec["engine"] is not None:
         if not isinstance(spec["engine"], str):
             raise SpecError("engine must be an engine name")
-        engine_class(spec["engine"])  # unknown engine → clear error now, not when the job runs
-    OutputFormat(spec["format"], spec["bit_depth"] or (32 if spec["format"] == "wav" else 24))
+        _as_spec_error(engine_class, spec["engine"])  # unknown engine → clear error now, not when the job runs
+    _as_spec_error(OutputFormat, spec["format"], spec["bit_depth"] or (32 if spec["format"] == "wav" else 24))
     if spec["steps"] is not None and not 1 <= spec["steps"] <= 100:
         raise SpecError(f"steps must be between 1 and 100, got {spec['steps']}")
     if spec["steps"] is not None and not spec["refine"]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from typing import Protocol
 
 from stemquery.daw_bridge.journal import CANCELLED, DONE, FAILED, Job, Journal
-from stemquery.daw_bridge.jobs import Limits, run_separation
+from stemquery.daw_bridge.jobs import Limits, SeparationResult, clean_orphan_parts, run_separation
 from stemquery.daw_bridge.spec import request_from_spec
 from stemquery.model import Separator, StemqueryError
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 #: Progress is passed on when it moved by this much, or the stage changed.
 PROGRESS_STEP = 0.01
+#: ... and at least this often (the last known fraction again) while the engine is quiet.
+PROGRESS_INTERVAL_S = 0.5
 
 
 class JobListener(Protocol):
@@ -30,6 +33,51 @@ class _Interrupted(Exception):
     def __init__(self, requeue: bool) -> None:
         super().__init__("interrupted")
         self.requeue = requeue
+
+
+class _Progress:
+    """A running job's progress reports: passed on when they moved PROGRESS_STEP or changed stage, and repeated
+    every PROGRESS_INTERVAL_S by a heartbeat thread while the engine says nothing, so clients see a live job."""
+
+    def __init__(self, worker: "Worker", job: Job) -> None:
+        self.worker, self.job = worker, job
+        self.fraction, self.stage = 0.0, "starting"
+        self._sent_at = 0.0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def _send(self, fraction: float, stage: str, *, journal: bool) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.fraction, self.stage, self._sent_at = fraction, stage, time.monotonic()
+            if journal:
+                self.worker.journal.progress(self.job.id, fraction, stage)
+            self.worker.emit("progress", self.job, fraction=fraction, stage=stage)
+
+    def report(self, fraction: float, stage: str) -> None:
+        """The engine's callback: stop or cancel take effect here."""
+        self.worker.check_interrupt()
+        if fraction - self.fraction >= PROGRESS_STEP or stage != self.stage or fraction >= 1.0:
+            self._send(max(fraction, self.fraction), stage, journal=True)
+
+    def _beat(self) -> None:
+        while not self._done.wait(PROGRESS_INTERVAL_S / 5):
+            if time.monotonic() - self._sent_at >= PROGRESS_INTERVAL_S:
+                self._send(self.fraction, self.stage, journal=False)
+
+    @contextmanager
+    def running(self):
+        """Send `starting` now, beat while the block runs, and never after it."""
+        self._send(0.0, "starting", journal=True)
+        beat = threading.Thread(target=self._beat, name=f"progress:{self.job.id}", daemon=True)
+        beat.start()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._done.set()
+            beat.join()
 
 
 class SeparatorPool:
@@ -111,34 +159,28 @@ class Worker(threading.Thread):
                 continue
             self._execute(job)
 
+    def check_interrupt(self) -> None:
+        if self._stopping.is_set():
+            raise _Interrupted(requeue=True)
+        if self._cancel_current:
+            raise _Interrupted(requeue=False)
+
     def _execute(self, job: Job) -> None:
         self._current, self._cancel_current = job.id, False
         self.journal.start(job.id)
         job = self.journal.get(job.id)
-        log.info("job %s started (%s)", job.id, job.source)
-        last = {"fraction": -1.0, "stage": ""}
-
-        def progress(fraction: float, stage: str) -> None:
-            if self._stopping.is_set():
-                raise _Interrupted(requeue=True)
-            if self._cancel_current:
-                raise _Interrupted(requeue=False)
-            if fraction - last["fraction"] >= PROGRESS_STEP or stage != last["stage"] or fraction >= 1.0:
-                last.update(fraction=fraction, stage=stage)
-                self.journal.progress(job.id, fraction, stage)
-                self.emit("progress", job, fraction=fraction, stage=stage)
-
+        log.info("job %s started (%s, attempt %d)", job.id, job.source, job.attempts)
         started = time.perf_counter()
         try:
-            request = request_from_spec(self.resolve_spec(job))
-            separator = self.pool.get(request.engine, **request.engine_options)
-            paths = run_separation(separator, request, progress=progress, limits=self.limits)
+            with _Progress(self, job).running() as progress:
+                result = self._run(job, progress)
         except _Interrupted as stop:
             if stop.requeue:
                 self.journal.requeue(job.id)
                 log.info("job %s interrupted by shutdown; requeued", job.id)
             else:
                 self.journal.finish(job.id, CANCELLED)
+                log.info("job %s cancelled", job.id)
                 self.emit("cancelled", self.journal.get(job.id))
         except StemqueryError as exc:
             self._fail(job, exc.code, str(exc))
@@ -146,14 +188,24 @@ class Worker(threading.Thread):
             log.exception("job %s crashed", job.id)
             self._fail(job, "internal", f"{type(exc).__name__}: {exc}")
         else:
-            result = {name: str(path) for name, path in paths.items()}
-            self.journal.finish(job.id, DONE, result=result)
+            for warning in result.warnings:
+                log.warning("job %s: %s", job.id, warning)
+            self.journal.finish(job.id, DONE, result={"stems": {name: str(path) for name, path in result.paths.items()},
+                                                      "warnings": result.warnings})
             log.info("job %s done in %.2f s", job.id, time.perf_counter() - started)
             self.emit("done", self.journal.get(job.id))
         finally:
             self._current = None
 
+    def _run(self, job: Job, progress: _Progress) -> SeparationResult:
+        request = request_from_spec(self.resolve_spec(job))
+        separator = self.pool.get(request.engine, **request.engine_options)
+        if job.attempts > 1:  # an earlier attempt was killed: its half-written stems are ours to remove
+            for orphan in clean_orphan_parts(request, separator.engine.label):
+                log.info("job %s: removed %s, left by the interrupted attempt", job.id, orphan)
+        return run_separation(separator, request, progress=progress.report, limits=self.limits)
+
     def _fail(self, job: Job, code: str, message: str) -> None:
-        log.warning("job %s failed: %s", job.id, message)
+        log.warning("job %s failed (%s): %s", job.id, code, message)
         self.journal.finish(job.id, FAILED, error={"code": code, "message": message})
         self.emit("failed", self.journal.get(job.id))

@@ -35,8 +35,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *extra_args: str) -> None:
         self.base = base
+        self.extra_args = list(extra_args)
         self.hotfolder = base / "hot"
         self.media = base / "media"
         self.media.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ class ServerProcess:
             [sys.executable, "-m", "stemquery.daw_bridge", "-v", "serve", "--hotfolder", str(self.hotfolder),
              "--allow-root", str(self.media), "--osc-port", str(self.port), "--max-duration", "600",
              # nmf, not the default: its many small steps give the progress and mid-job-kill tests jobs that last
-             "--engine", "nmf"],
+             "--engine", "nmf", *self.extra_args],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + 60
