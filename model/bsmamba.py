@@ -1,13 +1,20 @@
 """The query-conditioned band-split Mamba separator (Banquet-style band split, Mamba-2 sequence modelling).
 
-    mix STFT → band split → N × [BiMamba2 over time in each band → BiMamba2 across bands → FiLM(query)]
+    mix STFT → band split → N × [BiMamba2 over time in each band → BiMamba2 across bands → FiLM(query)
+                                 → MatchAttention(mix band-frames → query band-frames)]
              → per-band complex mask → × mix STFT → iSTFT
 
-The query clips go through their own band split of log magnitudes and a BiMamba2 over time, pooled over time
-(mean and standard deviation) into one embedding (several clips: their embeddings averaged). Conditioning is
-Hyper-FiLM (a hypernetwork turns the embedding into per-band scales and shifts for every block) or plain FiLM
-(one linear map per block, the same for every band), selectable for the ablation; and at the input, each bin's
-mix level against the query's long-term spectrum.
+The query reaches the network by two paths:
+- **recognising** (what kind of sound): the query clips go through their own band split of log magnitudes and a
+  BiMamba2 over time, pooled over time (mean and standard deviation) into one embedding (several clips: averaged).
+  Conditioning is Hyper-FiLM (a hypernetwork turns the embedding into per-band scales and shifts for every block)
+  or plain FiLM (one linear map per block, the same for every band), selectable for the ablation; and at the
+  input, each bin's mix level against the query's long-term spectrum.
+- **matching** (this very sound, `match_heads` > 0): the query goes through the separator's own band split, frame
+  by frame, and in every block each band-frame of the mix attends to the query's frames of the same band
+  (`MatchAttention`). Several clips are more frames, not an average. Target speaker extraction found the same:
+  frame-level cross-attention to the enrolment's spectrogram features generalises out of domain where a pooled
+  embedding does not (USEF-TSE, arXiv 2409.02615; arXiv 2410.16059 on a band-split RNN).
 
 The network works on spectrograms; the STFT and chunking live in the engine (`engines/bsmamba.py`).
 """
@@ -19,6 +26,7 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 from stemquery.model.bands import BandSplit, MaskEstimator, musical_bands
 from stemquery.model.mamba2 import BiMamba2
@@ -40,6 +48,8 @@ class BSMambaConfig:
     query_dim: int = 128
     query_layers: int = 1
     conditioning: str = "hyperfilm"  # or "film"
+    #: Heads of the matching path's cross-attention in every block (0: no matching path, as bsmamba-v2).
+    match_heads: int = 0
     #: Scan chunk (the weights do not depend on it): 32 is the fastest on CPU for training and inference alike
     #: (docs/performance.md).
     chunk: int = 32
@@ -100,11 +110,41 @@ def relative_log_power(spec: torch.Tensor) -> torch.Tensor:
 
 
 class QueryCondition(NamedTuple):
-    """What the separator is conditioned on: the query embedding (FiLM / Hyper-FiLM) and the query's long-term
-    spectrum (its mean relative log power per bin), which the mix's spectrum is compared with at the input."""
+    """What the separator is conditioned on: the query embedding (FiLM / Hyper-FiLM), the query's long-term
+    spectrum (its mean relative log power per bin), which the mix's spectrum is compared with at the input, and
+    the query's band-frames for the matching path (None without it)."""
 
     embedding: torch.Tensor  # (batch, query_dim)
     profile: torch.Tensor  # (batch, bins)
+    frames: torch.Tensor | None = None  # (batch, bands, query frames, dim)
+
+
+class MatchAttention(nn.Module):
+    """Each band-frame of the mix attends to the query's frames of the same band (multi-head cross-attention),
+    and what it finds is added to it: "is there something here like that, and what does it look like".
+
+    Queries come from the mix's features at this depth, keys and values from the query's band-split features; the
+    output projection starts at zero, so a model trained without this path starts out unchanged."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by match_heads {heads}")
+        self.heads = heads
+        self.norm_mix, self.norm_query = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """x (b, k, t, d), frames (b, k, s, d) → (b, k, t, d)."""
+        q = rearrange(self.to_q(self.norm_mix(x)), "b k t (h e) -> b k h t e", h=self.heads)
+        k, v = (rearrange(part, "b k s (h e) -> b k h s e", h=self.heads)
+                for part in self.to_kv(self.norm_query(frames)).chunk(2, dim=-1))
+        found = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+        return x + self.out(rearrange(found, "b k h t e -> b k t (h e)"))
 
 
 class QueryEncoder(nn.Module):
@@ -149,13 +189,15 @@ class Block(nn.Module):
         # Across bands the sequence is only `bands` long: one chunk of exactly that length.
         self.band = BiMamba2(config.dim, **{**mamba, "expand": 1, "chunk": bands})
         self.film = CONDITIONING[config.conditioning](config.query_dim, config.dim, bands)
+        self.match = MatchAttention(config.dim, config.match_heads) if config.match_heads else None
 
-    def forward(self, x: torch.Tensor, query: torch.Tensor, parallel: SliceParallel | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query: QueryCondition, parallel: SliceParallel | None = None) -> torch.Tensor:
         run = parallel or whole
         batch, bands = x.shape[:2]
         x = rearrange(run(self.time, rearrange(x, "b k t d -> (b k) t d")), "(b k) t d -> b k t d", k=bands)
         x = rearrange(run(self.band, rearrange(x, "b k t d -> (b t) k d")), "(b t) k d -> b k t d", b=batch)
-        return self.film(x, query)
+        x = self.film(x, query.embedding)
+        return x if self.match is None else self.match(x, query.frames)
 
 
 class BSMamba(nn.Module):
@@ -169,9 +211,25 @@ class BSMamba(nn.Module):
         self.mask = MaskEstimator(self.bands, config.channels, config.dim)
 
     def embed_queries(self, query_specs: list[torch.Tensor]) -> QueryCondition:
-        """Each (batch, channels, bins, frames) → one condition, embeddings and profiles averaged over the clips."""
+        """Each (batch, channels, bins, frames) → one condition: embeddings and profiles averaged over the clips,
+        the clips' band-frames joined end to end for the matching path."""
         conditions = [self.query_encoder(spec) for spec in query_specs]
-        return QueryCondition(*(torch.stack(parts).mean(dim=0) for parts in zip(*conditions)))
+        embedding = torch.stack([c.embedding for c in conditions]).mean(dim=0)
+        profile = torch.stack([c.profile for c in conditions]).mean(dim=0)
+        if not self.config.match_heads:
+            return QueryCondition(embedding, profile)
+        frames = torch.cat([self.query_frames(spec, condition.profile)
+                            for spec, condition in zip(query_specs, conditions)], dim=2)
+        return QueryCondition(embedding, profile, frames)
+
+    def query_frames(self, spec: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        """A query clip through the separator's own band split, as the mix goes: (batch, bands, frames, dim)."""
+        return self.split(spec, self.match_cue(spec, profile))
+
+    @staticmethod
+    def match_cue(spec: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        """Per bin and frame, how far the clip's relative log power is above the query's long-term spectrum."""
+        return (relative_log_power(spec) - profile[..., None])[:, None]  # (b, 1, f, t)
 
     def forward(self, mix_spec: torch.Tensor, query: QueryCondition, *,
                 parallel: SliceParallel | None = None) -> torch.Tensor:
@@ -182,8 +240,7 @@ class BSMamba(nn.Module):
         network only through FiLM, it stayed a constant ~0.85 × mix for 800 steps (docs/results.md).
         `parallel` runs the per-band maps and the sequence layers slice by slice on worker threads (CPU inference:
         `model/parallel.py`)."""
-        match = (relative_log_power(mix_spec) - query.profile[..., None])[:, None]  # (b, 1, f, t)
-        x = self.split(mix_spec, match, parallel)
+        x = self.split(mix_spec, self.match_cue(mix_spec, query.profile), parallel)
         for block in self.blocks:
-            x = block(x, query.embedding, parallel)
+            x = block(x, query, parallel)
         return self.mask(x, parallel) * mix_spec

@@ -168,17 +168,25 @@ def _file_name(engine_spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", engine_spec)
 
 
-def _estimate(name: str, case: Case, separators: dict) -> np.ndarray:
+#: What the engines are given as the query: the case's query clip, or its clean target itself (the perfect
+#: example: an engine that matches its query gains from it, one that only recognises the instrument does not).
+QUERY_SOURCES = ("clip", "target")
+
+
+def _estimate(name: str, case: Case, separators: dict, query_from: str = "clip") -> np.ndarray:
     if name == "mix":
         return case.mixture
     if name == "irm":
         return irm_oracle(case.mixture, case.target)
-    return separators[name].separate(case.mixture, case.sample_rate, [case.query]).target
+    query = case.target if query_from == "target" else case.query
+    return separators[name].separate(case.mixture, case.sample_rate, [query]).target
 
 
 def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int | None = None,
-             progress: Callable[[int, int], None] | None = None, cache: Path | None = None) -> dict:
-    """Run every engine (and the baselines) on every case; return per-case rows and summaries.
+             progress: Callable[[int, int], None] | None = None, cache: Path | None = None,
+             query_from: str = "clip") -> dict:
+    """Run every engine (and the baselines) on every case; return per-case rows and summaries. `query_from`:
+    one of `QUERY_SOURCES`.
 
     With `cache`, each engine's per-case rows and times are kept in CACHE/<engine>-<fingerprint>.json and reused
     for the same engine configuration or weights (a re-evaluation after training then scores only the new model).
@@ -191,7 +199,11 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
         if name not in ("mix", "irm"):
             engine, options = parse_engine_spec(name)
             separators[name] = Separator(engine, device=device, **options)
+    if query_from not in QUERY_SOURCES:
+        raise StemqueryError(f"query_from must be one of {', '.join(QUERY_SOURCES)}, not {query_from!r}")
     fingerprints = {n: engine_fingerprint(separators[n]) if n in separators else "v1" for n in names}
+    if query_from != "clip":
+        fingerprints = {n: f"{f}-{query_from}" for n, f in fingerprints.items()}
     stored: dict[str, dict] = {}
     if cache:
         for name in names:
@@ -207,7 +219,7 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
                 row, took = stored[name][case.name]
             else:
                 started = time.perf_counter()
-                estimate = _estimate(name, case, separators)
+                estimate = _estimate(name, case, separators, query_from)
                 took = time.perf_counter() - started
                 row = {"case": case.name, "engine": name, "protocol": case.meta.get("protocol", ""),
                        "family": case.meta.get("family", ""), **score(estimate, case)}
@@ -221,7 +233,7 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
         for name in names:
             (cache / f"{_file_name(name)}-{fingerprints[name]}.json").write_text(json.dumps(stored[name]))
     rtf = {n: (seconds[n] / audio_seconds if audio_seconds else 0.0) for n in names}
-    return {"set": str(root), "cases": len(folders), "engines": names, "rtf": rtf, "rows": rows,
+    return {"set": str(root), "cases": len(folders), "engines": names, "rtf": rtf, "rows": rows, "query_from": query_from,
             "fingerprints": fingerprints, "summary": summarise(rows, names)}
 
 
@@ -247,8 +259,9 @@ def summarise(rows: list[dict], engines: list[str]) -> dict:
 
 def markdown_report(result: dict) -> str:
     engines = result["engines"]
-    lines = [f"Eval set `{result['set']}`: {result['cases']} cases. Improvements (…i) are over the unprocessed mix;"
-             " means (medians in brackets), dB.", "",
+    query = " Queries: each case's clean target (the perfect example)." if result.get("query_from") == "target" else ""
+    lines = [f"Eval set `{result['set']}`: {result['cases']} cases.{query} Improvements (…i) are over the unprocessed "
+             "mix; means (medians in brackets), dB.", "",
              "| engine | SNRi | SI-SDRi | SDRi | SI-SDR | RTF |", "| --- | --- | --- | --- | --- | --- |"]
     for engine in engines:
         s = result["summary"]["overall"][engine]

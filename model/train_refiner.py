@@ -1,4 +1,4 @@
-"""Training the refiner's two models with the shared loop (`train.TrainingRun`), resumable like the separator's.
+"""Training the refiner's two models with the shared loop (`training_loop.TrainingRun`), resumable like the separator's.
 
     stemquery train vae --config model/configs/vae.toml          VAE: band magnitudes ↔ timbre + content latent
     stemquery train refiner --config model/configs/refiner.toml  diffusion UNet over the frozen VAE's latents,
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from stemquery.model.parallel import SliceParallel
 from stemquery.model.refiner import LatentRefiner, RefinerConfig
 from stemquery.model.stft import STFT
-from stemquery.model.train import RunConfig, TrainingRun
+from stemquery.model.training_loop import RunConfig, TrainingRun
 from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, pad_frames
 
 log = logging.getLogger(__name__)

@@ -26,16 +26,41 @@ def test_bands_cover_every_bin_once():
     assert bands[0][1] - bands[0][0] < bands[-1][1] - bands[-1][0]  # narrow low, wide high
 
 
-@pytest.mark.parametrize("conditioning", ["film", "hyperfilm"])
+@pytest.mark.parametrize("conditioning,match_heads", [("film", 0), ("hyperfilm", 0), ("hyperfilm", 2)])
 @pytest.mark.parametrize("samples", [RATE, 12345, 1000])
-def test_output_spectrogram_shape_for_odd_lengths(conditioning, samples):
-    config = BSMambaConfig(**TINY, conditioning=conditioning)
+def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, samples):
+    config = BSMambaConfig(**TINY, conditioning=conditioning, match_heads=match_heads)
     model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
     mix = stft.forward(torch.randn(2, 2, samples))
-    embedding = model.embed_queries([stft.forward(torch.randn(2, 2, 7777)), stft.forward(torch.randn(2, 2, 5000))])
-    out = model(mix, embedding)
+    queries = [stft.forward(torch.randn(2, 2, 7777)), stft.forward(torch.randn(2, 2, 5000))]
+    condition = model.embed_queries(queries)
+    out = model(mix, condition)
     assert out.shape == mix.shape and out.dtype == torch.complex64
     assert stft.inverse(out, samples).shape == (2, 2, samples)
+    if match_heads:  # several queries are more frames for the matching path, not an average
+        assert condition.frames.shape == (2, config.bands, sum(q.shape[-1] for q in queries), config.dim)
+    else:
+        assert condition.frames is None
+
+
+def test_matching_path_starts_as_the_model_without_it(tmp_path):
+    """Shipped weights without a matching path load into a model with one (`load_partial`) and give the same
+    output: the path's output projection starts at zero, so fine-tuning starts from the shipped model."""
+    from stemquery.model.train import load_partial
+
+    torch.manual_seed(0)
+    without = BSMamba(BSMambaConfig(**TINY))
+    save_weights(without, tmp_path / "old")
+    with_match = BSMamba(BSMambaConfig(**TINY, match_heads=2))
+    load_partial(with_match, tmp_path / "old")
+    stft = STFT(without.config.n_fft, without.config.hop)
+    mix, query = stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
+    with torch.no_grad():
+        torch.testing.assert_close(with_match(mix, with_match.embed_queries([query])),
+                                   without(mix, without.embed_queries([query])))
+    save_weights(BSMamba(BSMambaConfig(**{**TINY, "dim": 32})), tmp_path / "other")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_partial(with_match, tmp_path / "other")
 
 
 def test_query_condition_tells_timbres_apart_and_ignores_gain():
@@ -60,8 +85,10 @@ def test_query_condition_tells_timbres_apart_and_ignores_gain():
     torch.testing.assert_close(quiet.profile, saw.profile, rtol=1e-4, atol=1e-5)
 
 
-def test_the_query_selects_the_source(two_sources):
-    """One mix, two queries, two targets: a model that ignored its query could not improve both."""
+@pytest.mark.parametrize("path", ["embedding", "matching"])
+def test_the_query_selects_the_source(two_sources, path):
+    """One mix, two queries, two targets: a model that ignored its query could not improve both. `matching`: the
+    query reaches the model through the matching path alone (its pooled embedding and long-term spectrum zeroed)."""
     torch.manual_seed(0)
     mix, low, low_query = (x[:, :RATE] for x in two_sources)
     high = mix - low
@@ -70,21 +97,30 @@ def test_the_query_selects_the_source(two_sources):
     mixes = torch.stack([stereo(mix)] * 2)
     targets = torch.stack([stereo(low), stereo(high)])
     queries = torch.stack([stereo(low_query[:, :RATE]), stereo(high_query[:, :RATE])])
-    config = BSMambaConfig(**{**TINY, "dim": 32})
+    config = BSMambaConfig(**{**TINY, "dim": 32, "match_heads": 2 if path == "matching" else 0})
     model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def condition():
+        full = model.embed_queries([stft.forward(queries)])
+        if path == "embedding":
+            return full
+        return full._replace(embedding=torch.zeros_like(full.embedding), profile=torch.zeros_like(full.profile))
+
     for _ in range(80):
-        estimate = model(stft.forward(mixes), model.embed_queries([stft.forward(queries)]))
+        estimate = model(stft.forward(mixes), condition())
         loss = separation_loss(estimate, targets, mixes, stft)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        estimate = model(stft.forward(mixes), model.embed_queries([stft.forward(queries)]))
+        estimate = model(stft.forward(mixes), condition())
         audio = stft.inverse(estimate, RATE).numpy()
     for index in range(2):
         gain = si_sdr(audio[index], targets[index].numpy()) - si_sdr(mixes[index].numpy(), targets[index].numpy())
         assert gain > 3.0, (index, gain)
+    # the same mix with the two queries gives two different outputs, far apart
+    assert si_sdr(audio[0], audio[1]) < 0.0
 
 
 def test_tiny_model_overfits_one_example(two_sources):

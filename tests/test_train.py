@@ -15,7 +15,8 @@ from stemquery.model.data.dataset import load_corpus, piano_roll
 from stemquery.model.engines.bsmamba import save_weights
 from stemquery.model.bsmamba import BSMamba
 from stemquery.model.refiner import RefinerConfig, load_refiner
-from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, export, query_contrastive_loss
+from stemquery.model.export import export
+from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, query_contrastive_loss
 from stemquery.model.train_refiner import RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer
 from stemquery.model.vae import VAEConfig
 from test_refiner import TINY_REFINER, TINY_SEPARATOR, TINY_VAE

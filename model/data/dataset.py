@@ -4,7 +4,11 @@ Query protocols, as the product offers them:
 - `same_stem`: another time segment of the target's own stem (same instrument, same SoundFont);
 - `cross_track`: the same GM program in another track (another work), when the corpus has one;
 - `mixture_region`: a region of the mixture itself where the target is prominent (REAPER's "time selection
-  as query"); the query then also contains the other sources, as it does for the user.
+  as query"); the query then also contains the other sources, as it does for the user;
+- `cross_source` ("a sample from your library"): the same GM program (or else family; drums: another kit) rendered
+  by another timbre source (bank, synth voice or kit), from another track;
+- `overlap`: the target's own stem over a window that overlaps the mixture's segment (a solo passage selected
+  around the target, or the perfect example itself): the protocol that rewards matching the example exactly.
 
 Some draws have a target that is absent from the mixture (the query names an instrument that does not play):
 the right answer is silence.
@@ -20,7 +24,9 @@ import soundfile as sf
 
 from stemquery.model.audio import fit_length, resample
 
-PROTOCOLS = ("same_stem", "cross_track", "mixture_region")
+PROTOCOLS = ("same_stem", "cross_track", "mixture_region", "cross_source")
+#: Protocols for training only (eval sets draw `PROTOCOLS`).
+TRAINING_PROTOCOLS = PROTOCOLS + ("overlap",)
 #: Frame length (s) of the activity envelope used to find where a stem plays.
 ACTIVITY_HOP_S = 0.1
 ACTIVE_DBFS = -50.0
@@ -42,9 +48,17 @@ class Stem:
     notes: np.ndarray  # (n, 4) float: start s, end s, MIDI pitch, velocity (empty when the render has none)
 
     @property
+    def source(self) -> str:
+        """Which timbre source played it: a SoundFont or patch set (whatever its drum kit preset), one Hydrogen
+        kit, one procedural voice."""
+        if self.timbre.startswith(("hydrogen:", "procedural")):
+            return self.timbre
+        return self.timbre.split(":")[0]
+
+    @property
     def key(self) -> tuple:
-        """What "the same instrument" means across tracks: program (or drums) and SoundFont."""
-        return ("drums" if self.is_drum else self.program, self.timbre.split(":")[0])
+        """What "the same instrument" means across tracks: program (or drums) and timbre source."""
+        return ("drums" if self.is_drum else self.program, self.source)
 
 
 @dataclass
@@ -117,7 +131,7 @@ class TripleSampler:
     def __init__(self, tracks: list[Track], *, sample_rate: int, segment_s: float, query_s: float,
                  protocols: tuple[str, ...] = PROTOCOLS, absent_target_p: float = 0.05,
                  min_active: float = 0.5, random_gains: bool = True, timbre_eq_db: float = 0.0,
-                 speed_semitones: float = 0.0) -> None:
+                 speed_semitones: float = 0.0, family_negative_p: float = 0.0, dominant_p: float = 0.0) -> None:
         self.tracks = tracks
         self.rate = sample_rate
         self.segment = int(segment_s * sample_rate)
@@ -129,10 +143,16 @@ class TripleSampler:
         self.random_gains = random_gains
         self.timbre_eq_db = timbre_eq_db
         self.speed_semitones = speed_semitones
+        self.family_negative_p = family_negative_p
+        self.dominant_p = dominant_p
         self.by_key: dict[tuple, list[Stem]] = {}
+        self.by_program: dict[object, list[Stem]] = {}
+        self.by_family: dict[str, list[Stem]] = {}
         for track in tracks:
             for stem in track.stems:
                 self.by_key.setdefault(stem.key, []).append(stem)
+                self.by_program.setdefault(stem.key[0], []).append(stem)
+                self.by_family.setdefault(stem.family, []).append(stem)
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _frames(self, samples: int) -> int:
@@ -213,21 +233,57 @@ class TripleSampler:
             query = self._query_same_stem(rng, target, start, track.samples, target_eq, speed)
         elif protocol == "cross_track":
             query, query_stem = self._query_cross_track(rng, target, target_eq, speed)
+        elif protocol == "cross_source":
+            query, query_stem = self._query_cross_source(rng, target, speed)
+        elif protocol == "overlap":
+            query = self._query_overlap(rng, target, start, track.samples, target_eq, speed)
         elif protocol == "mixture_region":
             query = self._query_mixture_region(rng, target, chosen, track.samples, [target_eq, *rest_eqs], speed)
         if query is None:
             return None
+        negative = self._family_negative(rng, target, track, speed) \
+            if self.family_negative_p > 0 and rng.random() < self.family_negative_p else None
+        if negative is not None:
+            rest.append(negative * self._gain(rng))
         if absent:  # the query's instrument does not play in this mixture
             if not any(np.any(r) for r in rest):
                 return None  # nothing else plays either: a silent mixture teaches nothing
             target_audio = np.zeros_like(target_audio)
+        elif protocol != "mixture_region" and self.dominant_p > 0 and rng.random() < self.dominant_p:
+            rest = self._under(rest, target_audio, float(rng.uniform(5.0, 15.0)))
         mixture = target_audio + np.sum(rest, axis=0)
         peak = max(np.abs(mixture).max(), np.abs(query).max(), 1e-6)
         scale = min(1.0, 0.99 / peak)
         info = {"track": track.name, "target": target.name, "program": target.program, "family": target.family,
                 "timbre": target.timbre, "instrument": target.key, "start_s": start / self.rate, "absent": bool(absent),
-                "sources": 1 + len(chosen), "query_track": query_stem.track, "speed": speed}
+                "sources": 1 + len(chosen) + (negative is not None), "query_track": query_stem.track,
+                "query_part": query_stem.name, "query_timbre": query_stem.timbre, "speed": speed}
         return Triple(mixture * scale, target_audio * scale, query * scale, protocol, info)
+
+    @staticmethod
+    def _under(rest: list[np.ndarray], target: np.ndarray, db: float) -> list[np.ndarray]:
+        """The other sources scaled so that the target is `db` above their sum (a target-dominant mixture: the
+        model must learn to leave a dominant target in place rather than remove it)."""
+        target_power = float(np.mean(target**2))
+        rest_power = float(np.mean(np.sum(rest, axis=0) ** 2))
+        if target_power <= 0 or rest_power <= 0:
+            return rest
+        gain = np.sqrt(target_power / rest_power / 10 ** (db / 10))
+        return [r * gain for r in rest]
+
+    def _family_negative(self, rng, target: Stem, track: Track, speed: float) -> np.ndarray | None:
+        """A hard negative: a stem of the target's family but another instrument (program or source), from another
+        track, playing through the segment; None when the corpus has none to offer."""
+        candidates = [s for s in self.by_family.get(target.family, [])
+                      if s.track != track.name and s.key != target.key]
+        if not candidates:
+            return None
+        other = candidates[int(rng.integers(len(candidates)))]
+        starts = self._active_starts(other, self.segment, other.audio.shape[1], self.min_active)
+        if len(starts) == 0:
+            return None
+        start = int(starts[int(rng.integers(len(starts)))]) * self.hop
+        return self._cut(other, start, self.segment, self._timbre_eq(rng), speed)
 
     def _query_same_stem(self, rng, stem: Stem, avoid_start: int, limit: int, eq_db: np.ndarray | None,
                          speed: float = 1.0) -> np.ndarray | None:
@@ -250,6 +306,36 @@ class TripleSampler:
             return None, stem
         start = int(starts[int(rng.integers(len(starts)))]) * self.hop
         return self._cut(other, start, self.query_len, eq_db, speed) * self._gain(rng), other
+
+    def _query_cross_source(self, rng, stem: Stem, speed: float = 1.0) -> tuple[np.ndarray | None, Stem]:
+        """The same program (else family; drums: drums) from another timbre source and another track, with an EQ of
+        its own: a library sample of "that kind of instrument", never the target's own source."""
+        kind = stem.key[0]
+        candidates = [s for s in self.by_program.get(kind, []) if s.source != stem.source and s.track != stem.track]
+        if not candidates and not stem.is_drum:
+            candidates = [s for s in self.by_family.get(stem.family, [])
+                          if s.source != stem.source and s.track != stem.track and not s.is_drum]
+        if not candidates:
+            return None, stem
+        other = candidates[int(rng.integers(len(candidates)))]
+        starts = self._active_starts(other, self.query_len, other.audio.shape[1], self.min_active)
+        if len(starts) == 0:
+            return None, stem
+        start = int(starts[int(rng.integers(len(starts)))]) * self.hop
+        return self._cut(other, start, self.query_len, self._timbre_eq(rng), speed) * self._gain(rng), other
+
+    def _query_overlap(self, rng, stem: Stem, segment_start: int, limit: int, eq_db: np.ndarray | None,
+                       speed: float = 1.0) -> np.ndarray | None:
+        """The target's own stem over a query-long window that overlaps the mixture's segment by at least half the
+        shorter of the two."""
+        query_span, segment_span = self._span(self.query_len, speed), self._span(self.segment, speed)
+        overlap = min(query_span, segment_span) // 2
+        low = max(0, segment_start + overlap - query_span)
+        high = min(limit - query_span, segment_start + segment_span - overlap)
+        if high < low:
+            return None
+        start = int(rng.integers(low, high + 1))
+        return self._cut(stem, start, self.query_len, eq_db, speed) * self._gain(rng)
 
     def _query_mixture_region(self, rng, target: Stem, chosen: list[Stem], limit: int,
                               eqs: list[np.ndarray | None], speed: float = 1.0) -> np.ndarray | None:

@@ -25,6 +25,8 @@ from stemquery.model.data.hydrogen import HydrogenKit, kit_paths
 from stemquery.model.data.instruments import assign_programs, family_of
 from stemquery.model.data.midi import read_midi
 from stemquery.model.data.mma import grooves_by_file, render_groove_midi
+from stemquery.model.data.procedural import PROCEDURAL_TIMBRES, ProceduralSynth
+from stemquery.model.data.production import apply_chain, draw_chain
 from stemquery.model.data.splits import MMA, MUSIC21, split_of
 from stemquery.model.data.synth import TAIL_SECONDS, Part, SoundFontSynth
 from stemquery.model.data.timidity import FREEPATS, TimiditySynth
@@ -32,16 +34,32 @@ from stemquery.model.data.timidity import FREEPATS, TimiditySynth
 log = logging.getLogger(__name__)
 
 SF2, SF3 = Path("/usr/share/sounds/sf2"), Path("/usr/share/sounds/sf3")
-#: Melodic timbres per split: SoundFonts (fluidsynth) and TiMidity configs of GUS patches (freepats). The test
-#: set's SoundFonts are reserved: never used for training or tuning. Val: seen timbres, unseen music (the three
-#: SoundFonts it was first rendered with; freepats joined training later and val keeps its documented render).
+OPL3 = SF2 / "OPL-3_FM_128M.sf2"
+#: Procedural voices (model/data/procedural.py): a name, not a file.
+PROCEDURAL, PROCEDURAL_FM = Path("procedural"), Path("procedural-fm")
+#: Melodic timbres per split: SoundFonts (fluidsynth), TiMidity configs of GUS patches (freepats) and procedural
+#: voices, drawn uniformly from the list (the procedural synth is listed twice: every one of its voices is new).
+#: - train: what the separator learns from;
+#: - val: seen timbres, unseen music (the three SoundFonts it was first rendered with);
+#: - val_unseen: unseen music AND timbres held out of training, to choose checkpoints and designs by how they do on
+#:   sounds never trained on: the OPL3 FM bank and the procedural FM voices (and one Hydrogen kit);
+#: - test: the reserved SoundFonts, never used for training or tuning.
 SOUNDFONTS = {
-    "train": [SF2 / "FluidR3_GM.sf2", SF3 / "FluidR3Mono_GM.sf3", SF3 / "MuseScore_General.sf3", FREEPATS],
+    "train": [SF2 / "FluidR3_GM.sf2", SF3 / "FluidR3Mono_GM.sf3", SF3 / "MuseScore_General.sf3", FREEPATS,
+              PROCEDURAL, PROCEDURAL],
     "val": [SF2 / "FluidR3_GM.sf2", SF3 / "FluidR3Mono_GM.sf3", SF3 / "MuseScore_General.sf3"],
+    "val_unseen": [OPL3, PROCEDURAL_FM],
     "test": [SF2 / "TimGM6mb.sf2", SF2 / "sf_GMbank.sf2"],
 }
+#: Whose music each timbre split plays (the music split is by work: model/data/splits.py).
+MUSIC_SPLIT = {"train": "train", "val": "val", "val_unseen": "val", "test": "test"}
+#: Per-stem production chains (model/data/production.py) for the splits rendered since they exist; val and test keep
+#: their documented renders.
+PRODUCTION = {"train": True, "val": False, "val_unseen": True, "test": False}
 #: Hydrogen kits reserved for the test set, never trained or tuned on.
 RESERVED_HYDROGEN = ("ForzeeStereo", "BJA_Pacific", "rumpf_kit_z01_h2")
+#: The Hydrogen kit held out of training for the unseen-timbre validation set.
+UNSEEN_HYDROGEN = ("ColomboAcousticDrumkit",)
 #: Hydrogen kits without a kick, snare and hi-hat (hand percussion, djembes) cannot play a GM drum part.
 UNUSABLE_HYDROGEN = ("Gimme A Hand 1.0", "circAfrique v4")
 
@@ -51,14 +69,17 @@ def _hydrogen(names=None, *, exclude=()) -> list[tuple[Path, int, int]]:
     return [(p, 0, 0) for p in kits if names is None or p.parent.name in names]
 
 
-#: Drum kits (SoundFont or Hydrogen drumkit.xml, bank, preset) per split, besides the SoundFonts' own GM kits.
+#: Drum kits (SoundFont or Hydrogen drumkit.xml, bank, preset) per split, besides the melodic timbres' own kits.
 AVLDRUMS = [(SF2 / "Black_Pearl_4_LV2.sf2", 0, 0), (SF2 / "Red_Zeppelin_4_LV2.sf2", 0, 0)]
 EXTRA_KITS = {
-    "train": AVLDRUMS + _hydrogen(exclude=RESERVED_HYDROGEN),
-    "val": AVLDRUMS + _hydrogen(exclude=RESERVED_HYDROGEN),
+    "train": AVLDRUMS + _hydrogen(exclude=RESERVED_HYDROGEN + UNSEEN_HYDROGEN),
+    "val": AVLDRUMS + _hydrogen(exclude=RESERVED_HYDROGEN + UNSEEN_HYDROGEN),
+    "val_unseen": _hydrogen(UNSEEN_HYDROGEN),
     "test": _hydrogen(RESERVED_HYDROGEN),
 }
 GM_KIT_PRESETS = [0, 8, 16, 24, 25, 32, 40]
+#: SoundFonts with fewer drum kits than GM's seven.
+KIT_PRESETS = {OPL3.name: [0]}
 SHARDS = 8
 MAX_STEMS = 6
 MAX_EXCERPT_S = 60.0
@@ -100,6 +121,7 @@ def _rng(seed: int, index: int, purpose: int) -> np.random.Generator:
 
 
 def music21_pool(cache: Path, split: str) -> list[Path]:
+    split = MUSIC_SPLIT[split]
     pool = []
     for path in sorted(cache.glob("*.mid")):
         work = MUSIC21 + path.name.split("#")[0].removesuffix(".mid").replace("__", "/")
@@ -109,13 +131,17 @@ def music21_pool(cache: Path, split: str) -> list[Path]:
 
 
 def mma_pool(split: str) -> list[tuple[str, str]]:
+    split = MUSIC_SPLIT[split]
     return [(file, groove) for file, grooves in grooves_by_file().items() if split_of(MMA + file) == split
             for groove in grooves]
 
 
 def _own_kits(timbre: str) -> list[tuple[str, int, int]]:
-    """The drum kits a melodic timbre brings: a SoundFont's GM kits, a TiMidity config's one drum set."""
-    presets = [0] if Path(timbre).suffix == ".cfg" else GM_KIT_PRESETS
+    """The drum kits a melodic timbre brings: a SoundFont's GM kits, a TiMidity config's one drum set, a random
+    procedural kit per track (none for the FM voices)."""
+    if timbre in PROCEDURAL_TIMBRES:
+        return [(timbre, 0, 0)] if PROCEDURAL_TIMBRES[timbre][1] else []
+    presets = [0] if Path(timbre).suffix == ".cfg" else KIT_PRESETS.get(Path(timbre).name, GM_KIT_PRESETS)
     return [(timbre, 128, preset) for preset in presets]
 
 
@@ -185,13 +211,13 @@ class ShardRenderer:
         self.config = config
         self.synths: dict[str, SoundFontSynth | TimiditySynth | HydrogenKit] = {}
 
-    def synth(self, timbre: str) -> SoundFontSynth | TimiditySynth | HydrogenKit:
-        """The renderer of a SoundFont, a TiMidity config or a Hydrogen kit (its drumkit.xml), loaded once per
-        shard."""
+    def synth(self, timbre: str) -> SoundFontSynth | TimiditySynth | HydrogenKit | ProceduralSynth:
+        """The renderer of a SoundFont, a TiMidity config, a Hydrogen kit (its drumkit.xml) or procedural voices,
+        loaded once per shard."""
         if timbre not in self.synths:
             kinds = {".xml": HydrogenKit, ".cfg": TimiditySynth}
-            self.synths[timbre] = kinds.get(Path(timbre).suffix, SoundFontSynth)(
-                timbre, sample_rate=self.config.sample_rate)
+            kind = ProceduralSynth if timbre in PROCEDURAL_TIMBRES else kinds.get(Path(timbre).suffix, SoundFontSynth)
+            self.synths[timbre] = kind(timbre, sample_rate=self.config.sample_rate)
         return self.synths[timbre]
 
     def close(self) -> None:
@@ -213,6 +239,23 @@ class ShardRenderer:
         assign_programs(parts, rng, keep_family=plan.source == "mma", available=self.synth(plan.soundfont).programs)
         return parts
 
+    def render_part(self, plan: TrackPlan, position: int, part: Part, samples: int) -> tuple[np.ndarray, str]:
+        """One part alone, (2, samples), and its timbre label: the track's drum kit or melodic timbre. Procedural
+        voices are drawn from the part's own seed, so every stem is a new voice."""
+        if part.is_drum:
+            source, bank, preset = plan.kit
+        else:
+            source, bank, preset = plan.soundfont, None, None
+        synth = self.synth(source)
+        if isinstance(synth, ProceduralSynth):
+            seed = int(_rng(self.config.seed, plan.index, 100 + position).integers(2**31))
+            return synth.render(part, samples, seed=seed), synth.voice_name(part, seed)
+        if not part.is_drum:
+            return synth.render(part, samples), Path(source).name
+        kit = Path(source)
+        timbre = f"hydrogen:{kit.parent.name}" if kit.name == "drumkit.xml" else f"{kit.name}:{bank}:{preset}"
+        return synth.render(part, samples, bank=bank, preset=preset), timbre
+
     def render(self, plan: TrackPlan) -> dict:
         rate = self.config.sample_rate
         folder = self.config.out / plan.track
@@ -224,14 +267,11 @@ class ShardRenderer:
         room = room_impulse(rng, rate)
         stems, records = [], []
         for position, part in enumerate(parts):
-            if part.is_drum:
-                kit_sf, bank, preset = plan.kit
-                audio = self.synth(kit_sf).render(part, samples, bank=bank, preset=preset)
-                kit = Path(kit_sf)
-                timbre = f"hydrogen:{kit.parent.name}" if kit.name == "drumkit.xml" else f"{kit.name}:{bank}:{preset}"
-            else:
-                audio = self.synth(plan.soundfont).render(part, samples)
-                timbre = Path(plan.soundfont).name
+            audio, timbre = self.render_part(plan, position, part, samples)
+            family = family_of(part.program, part.is_drum)
+            chain = draw_chain(_rng(self.config.seed, plan.index, 10 + position), family) \
+                if PRODUCTION[self.config.timbres] else []
+            audio = apply_chain(audio, chain, rate)
             wet = float(rng.uniform(0.0, 0.35)) if rng.random() < 0.8 else 0.0
             if wet > 0 and np.any(audio):
                 tail = np.stack([fftconvolve(audio[c], room[c])[:samples] for c in range(2)])
@@ -240,8 +280,8 @@ class ShardRenderer:
             audio *= 10 ** (gain_db / 20)
             stems.append(audio)
             records.append({"file": f"stems/{part_file_name(position, part)}", "part": part.name,
-                            "program": part.program, "family": family_of(part.program, part.is_drum),
-                            "is_drum": part.is_drum, "timbre": timbre, "gain_db": gain_db, "wet": wet,
+                            "program": part.program, "family": family, "is_drum": part.is_drum, "timbre": timbre,
+                            "production": chain, "gain_db": gain_db, "wet": wet,
                             # the score of this stem: pitch supervision for the refiner's VAE
                             "notes": [[round(n.start, 4), round(n.end, 4), n.pitch, n.velocity] for n in part.notes]})
         mix = np.sum(stems, axis=0) if stems else np.zeros((2, samples), np.float32)
