@@ -199,8 +199,9 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
 
 
 def temp_pattern(path: Path, suffix: str = ".part") -> str:
-    """The glob pattern of the temp files `create_temp_beside(path, suffix)` makes (to clean up after a crash)."""
-    return f".{glob_escape(path.name)}.*{suffix}"
+    """A glob pattern matching the temp files `create_temp_beside(path, suffix)` makes, and those of earlier
+    versions (`.STEM.RANDOM.part`), to clean up after a crash."""
+    return f".{glob_escape(path.stem)}.*{suffix}"
 
 
 def glob_escape(name: str) -> str:

@@ -218,13 +218,21 @@ def test_kill_9_mid_job_then_restart_completes_it_once(server):
         assert client.wait_for("/stemquery/progress", timeout=60) is not None
         server.kill9()
         assert [r["state"] for r in server.journal_rows()] == ["running"]
+        # what a kill during the write leaves (this version's temp names and the previous one's), and a stranger's
+        orphans = [out / ".long-mix_(target)_nmf.wav.0badf00d.part", out / ".long-mix_(residual)_nmf.x1y2z3.part"]
+        stranger = out / ".other-mix_(target)_nmf.wav.12345678.part"
+        out.mkdir(exist_ok=True)
+        for path in [*orphans, stranger]:
+            path.write_bytes(b"RIFF half a stem")
         server.start()
         # the reply address survives in the journal: the same client hears the end of its job
         messages = client.collect_until(DONE_OR_ERROR, timeout=300)
     assert messages[-1] == ("/stemquery/done", ["k1", job]), messages
     rows = server.journal_rows()
     assert [(r["id"], r["state"], r["attempts"]) for r in rows] == [(job, "done", 2)]
-    assert sorted(p.name for p in out.iterdir()) == ["long-mix_(residual)_nmf.wav", "long-mix_(target)_nmf.wav"]
+    assert sorted(p.name for p in out.iterdir()) == [stranger.name, "long-mix_(residual)_nmf.wav",
+                                                     "long-mix_(target)_nmf.wav"]
+    assert "removed" in server.log.read_text() and not any(p.exists() for p in orphans)
 
 
 def test_malformed_packets_and_bad_files_each_get_an_error(server, tmp_path):
