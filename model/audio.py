@@ -231,8 +231,8 @@ def pcm_codes(audio: np.ndarray, bits: int) -> np.ndarray:
 
     The scale is 2^(bits-1), the one libsndfile reads integer files with, so a file read as float and quantised
     again gives back its own codes."""
-    low, high = pcm_range(bits)
-    return np.clip(np.rint(np.asarray(audio, np.float64) * (high + 1)), low, high).astype(np.int32)
+    low, high = pcm_range(bits)  # float32 is exact here: scaling by a power of two, codes below 2^24
+    return np.clip(np.rint(np.asarray(audio, np.float32) * np.float32(high + 1)), low, high).astype(np.int32)
 
 
 def _samples_for(audio: np.ndarray, fmt: OutputFormat) -> np.ndarray:
