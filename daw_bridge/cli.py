@@ -166,6 +166,19 @@ def data() -> None:
     """Build training data and eval sets (needs fluidsynth, the SoundFonts and mma from Debian: see docs)."""
 
 
+@data.command()
+@click.option("--root", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--only", multiple=True, help="Only this render or eval set (train, val, val_unseen, test, eval_val, "
+                                            "eval_val_unseen, eval_test); repeatable.")
+def prepare(root, workers, only) -> None:
+    """Everything training and evaluation need, with the documented seeds (resumable: done steps are skipped)."""
+    from stemquery.model.data.prepare import prepare as prepare_data
+
+    ran = prepare_data(root, workers=workers, only=tuple(only))
+    click.echo(f"prepared {', '.join(ran) if ran else 'nothing (all present)'} under {root}")
+
+
 @data.command("cache-music21")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/midi_music21"), show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
@@ -283,21 +296,25 @@ def train() -> None:
 
 
 def _train_options(command):
+    command = click.option("--threads", type=click.IntRange(min=1), default=None,
+                           help="CPU threads (overrides the config; two runs side by side: 1 each).")(command)
     command = click.option("--minutes", type=float, default=None,
                            help="Stop after this long (overrides the config).")(command)
     command = click.option("--resume", type=click.Path(path_type=Path, exists=True), default=None,
-                           help="A checkpoint (RUN/last.pt) to continue from.")(command)
+                           help="A checkpoint (RUN/last.pt), or committed weights (.safetensors with its .json, "
+                                "e.g. checkpoints/bsmamba-v3/last.safetensors), to continue from.")(command)
     return click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True),
                         required=True)(command)
 
 
-def _run_training(trainer_class, config_class, config_file: Path, resume: Path | None, minutes: float | None) -> None:
+def _run_training(trainer_class, config_class, config_file: Path, resume: Path | None, minutes: float | None,
+                  threads: int | None = None) -> None:
     import dataclasses
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     config = config_class.load(config_file)
-    if minutes is not None:
-        config = dataclasses.replace(config, minutes=minutes)
+    overrides = {"minutes": minutes, "threads": threads}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     trainer = trainer_class(config)
     if resume:
         trainer.resume(resume)
@@ -306,29 +323,29 @@ def _run_training(trainer_class, config_class, config_file: Path, resume: Path |
 
 @train.command("separator")
 @_train_options
-def train_separator(config_file, resume, minutes) -> None:
+def train_separator(config_file, resume, minutes, threads) -> None:
     """Train the band-split Mamba separator on a rendered corpus."""
     from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer
 
-    _run_training(SeparatorTrainer, SeparatorTrainConfig, config_file, resume, minutes)
+    _run_training(SeparatorTrainer, SeparatorTrainConfig, config_file, resume, minutes, threads)
 
 
 @train.command("vae")
 @_train_options
-def train_vae(config_file, resume, minutes) -> None:
+def train_vae(config_file, resume, minutes, threads) -> None:
     """Train the refiner's timbre/pitch VAE on a rendered corpus's stems."""
     from stemquery.model.train_refiner import VAETrainConfig, VAETrainer
 
-    _run_training(VAETrainer, VAETrainConfig, config_file, resume, minutes)
+    _run_training(VAETrainer, VAETrainConfig, config_file, resume, minutes, threads)
 
 
 @train.command("refiner")
 @_train_options
-def train_refiner(config_file, resume, minutes) -> None:
+def train_refiner(config_file, resume, minutes, threads) -> None:
     """Train the latent diffusion refiner over a trained VAE and separator."""
     from stemquery.model.train_refiner import RefinerTrainConfig, RefinerTrainer
 
-    _run_training(RefinerTrainer, RefinerTrainConfig, config_file, resume, minutes)
+    _run_training(RefinerTrainer, RefinerTrainConfig, config_file, resume, minutes, threads)
 
 
 @train.command("export")

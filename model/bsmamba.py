@@ -208,6 +208,11 @@ class BSMamba(nn.Module):
         self.split = BandSplit(self.bands, config.channels, config.dim, per_bin=1)
         self.query_encoder = QueryEncoder(config, self.bands)
         self.blocks = nn.ModuleList(Block(config, len(self.bands)) for _ in range(config.layers))
+        # The band split is linear in the complex bins, so its features of a frame depend on that frame's phases,
+        # which two recordings of one sound do not share: a small MLP lets the query's frames say what is phase-free
+        # (magnitudes, the per-bin level cue) before the mix's band-frames are compared with them.
+        self.query_frame_mlp = nn.Sequential(nn.RMSNorm(config.dim), nn.Linear(config.dim, 2 * config.dim), nn.SiLU(),
+                                             nn.Linear(2 * config.dim, config.dim)) if config.match_heads else None
         self.mask = MaskEstimator(self.bands, config.channels, config.dim)
 
     def embed_queries(self, query_specs: list[torch.Tensor]) -> QueryCondition:
@@ -224,7 +229,8 @@ class BSMamba(nn.Module):
 
     def query_frames(self, spec: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         """A query clip through the separator's own band split, as the mix goes: (batch, bands, frames, dim)."""
-        return self.split(spec, self.match_cue(spec, profile))
+        frames = self.split(spec, self.match_cue(spec, profile))
+        return frames + self.query_frame_mlp(frames)
 
     @staticmethod
     def match_cue(spec: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ def load_partial(model: BSMamba, weights: Path) -> None:
     except RuntimeError as exc:  # shapes that differ
         raise ValueError(f"{weights}: weights do not fit this model ({str(exc).splitlines()[1].strip()})") from None
     unexpected = result.unexpected_keys
-    foreign = [k for k in result.missing_keys if ".match." not in k]
+    foreign = [k for k in result.missing_keys if ".match." not in k and not k.startswith("query_frame_mlp.")]
     if unexpected or foreign:
         raise ValueError(f"{weights}: weights do not fit this model (unexpected {unexpected[:3]}, missing "
                          f"{foreign[:3]})")

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -80,6 +81,38 @@ def test_train_checkpoint_resume_export(tmp_path):
     stems = Separator("bsmamba", device="cpu", weights=tmp_path / "weights" / "model").separate(
         mix.T, RATE, [mix.T[:, :RATE]])
     assert stems.target.shape == mix.T.shape
+
+    # a new machine continues from the committed weights alone: same weights, step and curve, the learning rate
+    # warmed up again from there (no optimiser state), and it trains on
+    again = SeparatorTrainer(dataclasses.replace(config, max_steps=7, query_contrastive=0.5))
+    again.resume(tmp_path / "weights" / "model.safetensors")
+    assert again.step == again.warm_from == 5 and again.curve == resumed.curve and again.best == resumed.best
+    for key, value in again.model.state_dict().items():
+        torch.testing.assert_close(value, resumed.model.state_dict()[key])
+    assert again.learning_rate() == pytest.approx(resumed.learning_rate() / config.warmup_steps)
+    again.run()
+    assert again.step == 7
+
+
+def test_matching_path_fine_tunes_from_weights_without_it(tmp_path):
+    """`init_weights`: the shipped model without a matching path starts the run; the new path's parameters are the
+    only ones it did not bring, and the run trains (the design step from bsmamba-v2 to v3)."""
+    corpus = make_corpus(tmp_path / "corpus")
+    old = SeparatorTrainer(SeparatorTrainConfig(run_dir=tmp_path / "old", train_corpus=corpus, val_set=tmp_path / "none",
+                                                model=BSMambaConfig(**TINY_SEPARATOR)))
+    from stemquery.model.engines.bsmamba import save_weights
+
+    save_weights(old.model, tmp_path / "v2")
+    config = SeparatorTrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "none",
+                                  batch=2, segment_s=1.0, query_s=1.0, max_steps=2, log_every=1, warmup_steps=2,
+                                  init_weights=tmp_path / "v2", query_embedding_dropout=0.5,
+                                  protocols=("same_stem", "overlap", "cross_source"), family_negative_p=0.5,
+                                  dominant_p=0.5, model=BSMambaConfig(**TINY_SEPARATOR, match_heads=2))
+    trainer = SeparatorTrainer(config)
+    for key, value in old.model.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[key], value)
+    trainer.run()
+    assert trainer.step == 2
 
 
 def test_query_contrastive_loss_rewards_matching_and_spares_same_instrument():

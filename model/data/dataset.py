@@ -258,7 +258,8 @@ class TripleSampler:
                 "timbre": target.timbre, "instrument": target.key, "start_s": start / self.rate, "absent": bool(absent),
                 "sources": 1 + len(chosen) + (negative is not None), "query_track": query_stem.track,
                 "query_part": query_stem.name, "query_timbre": query_stem.timbre, "speed": speed}
-        return Triple(mixture * scale, target_audio * scale, query * scale, protocol, info)
+        return Triple(*(np.float32(scale) * np.asarray(a, np.float32) for a in (mixture, target_audio, query)),
+                      protocol, info)
 
     @staticmethod
     def _under(rest: list[np.ndarray], target: np.ndarray, db: float) -> list[np.ndarray]:
@@ -268,7 +269,7 @@ class TripleSampler:
         rest_power = float(np.mean(np.sum(rest, axis=0) ** 2))
         if target_power <= 0 or rest_power <= 0:
             return rest
-        gain = np.sqrt(target_power / rest_power / 10 ** (db / 10))
+        gain = float(np.sqrt(target_power / rest_power / 10 ** (db / 10)))
         return [r * gain for r in rest]
 
     def _family_negative(self, rng, target: Stem, track: Track, speed: float) -> np.ndarray | None:
