@@ -9,10 +9,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from stemquery.model.errors import StemqueryError, AudioInputError, QueryError, OutputError  # noqa: E402
-from stemquery.model.api import Separator, Stems, available_engines, DEFAULT_ENGINE  # noqa: E402
+from stemquery.model.api import Separator, StemQuery, Stems, available_engines, DEFAULT_ENGINE  # noqa: E402
 
 __all__ = [
     "Separator",
+    "StemQuery",
     "Stems",
     "available_engines",
     "DEFAULT_ENGINE",

@@ -3,6 +3,8 @@
     sep = Separator("nmf")
     stems = sep.separate(mix, 44100, [query], progress=lambda f, stage: ...)
     stems.target + stems.residual == mix   # always, sample for sample
+    stems = sep.separate_stems(mix, 44100, {"guitar": [clip], "bass": StemQuery()})  # several stems, one pass
+    stems["guitar"] + stems["bass"] + stems["residual"] == mix   # to float rounding
 
 Everything shared by engines happens here: input checks, resampling to the engine's rate and back to the
 caller's exact length, and chunked overlap-add so memory does not grow with track length.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,6 +36,17 @@ QUERY_SHARE = 0.1
 
 #: A query clip: samples at the mix's rate, or (samples, sample_rate) to have its rate checked.
 QueryClip = Union[np.ndarray, tuple[np.ndarray, int]]
+#: The stem every residual is "everything else" of; no query may take its name.
+RESIDUAL = "residual"
+
+
+@dataclass(frozen=True)
+class StemQuery:
+    """What one wanted stem sounds like: example clips and/or (start, end) seconds of the mix where it is exposed.
+    Neither: the bundled example clips of the instrument the stem is named after (`stemquery instruments`)."""
+
+    clips: Sequence[QueryClip] = ()
+    ranges: Sequence[tuple[float, float]] = ()
 
 
 @dataclass(frozen=True)
@@ -122,26 +135,79 @@ class Separator:
         where the sound is exposed. At least one of the two is needed. `progress(fraction, stage)` is called as
         work advances; an exception raised inside it aborts the separation and propagates.
         """
-        report = progress or (lambda fraction, stage: None)
         mix_2d = _as_2d(mix, "mix")
         check_audio(mix_2d, sample_rate, name="mix")
-        clips = self._query_clips(mix_2d, sample_rate, queries, query_ranges or [])
-        report(0.0, "query")
+        clips = {"target": self._query_clips(mix_2d, sample_rate, queries, query_ranges or [])}
+        stems = self._separate(mix_2d, sample_rate, clips, progress)
+        return Stems(target=stems["target"], residual=stems[RESIDUAL], sample_rate=sample_rate,
+                     engine=self.engine.label)
 
-        rate = self.engine.sample_rate
+    def separate_stems(
+        self,
+        mix: np.ndarray | torch.Tensor,
+        sample_rate: int,
+        stems: Mapping[str, StemQuery | Sequence[QueryClip]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Every stem asked for and the residual in one pass (demucs-style): {name: (channels, samples), ...,
+        "residual": mix - the stems}, at the mix's rate and length.
+
+        `stems` maps each stem's name to a `StemQuery` (or a plain list of clips). Where two stems claim the same
+        time-frequency point their shares are scaled to sum to at most 1, so the stems and the residual sum to the
+        mix and no sound is counted twice. One stem gives exactly what `separate` gives. Progress and abort as in
+        `separate`.
+        """
+        if not stems:
+            raise QueryError("no stem asked for: name at least one stem and its query")
+        if RESIDUAL in stems:
+            raise QueryError(f"a stem may not be called {RESIDUAL!r}: that name is everything else; rename it")
+        mix_2d = _as_2d(mix, "mix")
+        check_audio(mix_2d, sample_rate, name="mix")
+        clips = {}
+        for name, query in stems.items():
+            query = query if isinstance(query, StemQuery) else StemQuery(clips=query)
+            label = "" if len(stems) == 1 else f"stem {name!r}: "
+            clips[name] = self._query_clips(mix_2d, sample_rate, query.clips, query.ranges, label=label) \
+                if query.clips or query.ranges else self._instrument_clips(name, sample_rate)
+        return self._separate(mix_2d, sample_rate, clips, progress)
+
+    @staticmethod
+    def _instrument_clips(name: str, sample_rate: int) -> list[np.ndarray]:
+        from stemquery.model.instruments import example_clips
+
+        try:
+            return example_clips(name, sample_rate)
+        except QueryError as exc:
+            raise QueryError(f"no query given for stem {name!r}, and {exc}") from None
+
+    def _separate(self, mix: np.ndarray, sample_rate: int, clips: dict[str, list[np.ndarray]],
+                  progress: ProgressCallback | None) -> dict[str, np.ndarray]:
+        """The stems of checked clips, one encoded query per stem; the residual is the mix minus their sum."""
+        report = progress or (lambda fraction, stage: None)
+        report(0.0, "query")
+        rate, count = self.engine.sample_rate, len(clips)
         with torch.inference_mode():
-            query_state = self.engine.encode_query(
-                [torch.from_numpy(resample(c, sample_rate, rate)) for c in clips],
-                lambda f: report(QUERY_SHARE * f, "query"),
-            )
+            states = []
+            for index, stem_clips in enumerate(clips.values()):
+                states.append(self.engine.encode_query(
+                    [torch.from_numpy(resample(c, sample_rate, rate)) for c in stem_clips],
+                    lambda f, i=index: report(QUERY_SHARE * (i + f) / count, "query"),
+                ))
             report(QUERY_SHARE, "separating")
-            engine_mix = torch.from_numpy(resample(mix_2d, sample_rate, rate))
-            target = self._overlap_add(
-                engine_mix, query_state, lambda f: report(QUERY_SHARE + (0.99 - QUERY_SHARE) * f, "separating")
+            engine_mix = torch.from_numpy(resample(mix, sample_rate, rate))
+            if count == 1:  # the one-stem path of old: the engine's estimate itself, no shares
+                run = lambda chunk, p: self.engine.separate_segment(chunk, states[0], p)[None]  # noqa: E731
+            else:
+                run = lambda chunk, p: self.engine.separate_segment_stems(chunk, states, p)  # noqa: E731
+            estimates = self._overlap_add(
+                engine_mix, run, count, lambda f: report(QUERY_SHARE + (0.99 - QUERY_SHARE) * f, "separating")
             )
-        target_np = fit_length(resample(target.numpy(), rate, sample_rate), mix_2d.shape[1])
+        out = {name: fit_length(resample(estimate.numpy(), rate, sample_rate), mix.shape[1])
+               for name, estimate in zip(clips, estimates)}
+        out[RESIDUAL] = _residual(mix, list(out.values()))
         report(1.0, "done")
-        return Stems(target=target_np, residual=mix_2d - target_np, sample_rate=sample_rate, engine=self.engine.label)
+        return out
 
     def _query_clips(
         self,
@@ -149,6 +215,8 @@ class Separator:
         sample_rate: int,
         queries: Sequence[QueryClip] | QueryClip,
         ranges: Sequence[tuple[float, float]],
+        *,
+        label: str = "",
     ) -> list[np.ndarray]:
         if isinstance(queries, (np.ndarray, torch.Tensor)) or (
             isinstance(queries, tuple) and len(queries) == 2 and isinstance(queries[1], (int, np.integer))
@@ -156,7 +224,7 @@ class Separator:
             queries = [queries]
         clips: list[tuple[str, np.ndarray]] = []
         for index, query in enumerate(queries):
-            name = f"query {index + 1}"
+            name = f"{label}query {index + 1}"
             if isinstance(query, tuple):
                 samples, rate = query
                 if int(rate) != sample_rate:
@@ -170,35 +238,45 @@ class Separator:
         for start, end in ranges:
             if not (0.0 <= start < end <= duration + 1e-6):
                 raise QueryError(
-                    f"query range {start:g}-{end:g} s is outside the mix (0-{duration:.2f} s); "
+                    f"{label}query range {start:g}-{end:g} s is outside the mix (0-{duration:.2f} s); "
                     "choose a range inside the mix"
                 )
-            clips.append((f"query range {start:g}-{end:g} s",
+            clips.append((f"{label}query range {start:g}-{end:g} s",
                           mix[:, int(round(start * sample_rate)): int(round(end * sample_rate))]))
         if not clips:
-            raise QueryError("no query given: pass a query clip or a time range of the mix")
+            raise QueryError(f"{label}no query given: pass a query clip or a time range of the mix")
         for name, clip in clips:
             check_query(clip, sample_rate, name=name)
         return [clip for _, clip in clips]
 
-    def _overlap_add(self, mix: torch.Tensor, query_state, progress) -> torch.Tensor:
+    def _overlap_add(self, mix: torch.Tensor, run, stems: int, progress) -> torch.Tensor:
+        """`run(segment, progress)` → (stems, channels, samples) per segment, cross-faded into (stems, channels,
+        samples) for the whole mix."""
         total = mix.shape[-1]
         segment = int(self.engine.segment_seconds * self.engine.sample_rate)
         if total <= segment:
-            out = self.engine.separate_segment(mix.to(self.device), query_state, progress).float().cpu()
+            out = run(mix.to(self.device), progress).float().cpu()
             progress(1.0)
             return out
         fade = int(segment * self.engine.overlap)
         stride = segment - fade
         starts = list(range(0, total - fade, stride))
-        out = torch.zeros_like(mix)
+        out = torch.zeros(stems, *mix.shape)
         weights = torch.zeros(total)
         for index, start in enumerate(starts):
             chunk = mix[:, start: start + segment]
             within = lambda f, i=index: progress((i + f) / len(starts))  # noqa: E731
-            estimate = self.engine.separate_segment(chunk.to(self.device), query_state, within).float().cpu()
+            estimate = run(chunk.to(self.device), within).float().cpu()
             weight = _segment_weight(chunk.shape[-1], min(fade, chunk.shape[-1] // 2))
-            out[:, start: start + chunk.shape[-1]] += estimate * weight
+            out[..., start: start + chunk.shape[-1]] += estimate * weight
             weights[start: start + chunk.shape[-1]] += weight
             progress((index + 1) / len(starts))
         return out.div_(weights)  # in place: at 10 minutes of stereo each copy is 200 MB
+
+
+def _residual(mix: np.ndarray, stems: list[np.ndarray]) -> np.ndarray:
+    """Everything the stems leave: mix - Σ stems, summed in float64 so stems + residual give the mix back to float32
+    rounding (one stem: the plain float32 difference, as `separate` always gave)."""
+    if len(stems) == 1:
+        return mix - stems[0]
+    return (mix.astype(np.float64) - np.sum(stems, axis=0, dtype=np.float64)).astype(np.float32)

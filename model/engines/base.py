@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
+from stemquery.model.stft import STFT
 
 #: Progress within one engine call, 0..1.
 StepProgress = Callable[[float], None]
@@ -53,6 +54,23 @@ class Engine(abc.ABC):
         frequent progress to the user.
         """
 
+    def separate_segment_stems(self, mix: torch.Tensor, queries: Sequence[Any],
+                               progress: StepProgress = no_progress) -> torch.Tensor:
+        """Several stems of one mix segment at once: (stems, channels, samples), one per encoded query.
+
+        Each stem is a share of the mix's STFT (`shares_to_stems`), so where two queries claim the same
+        time-frequency point their shares are scaled to sum to at most 1 and no sound is counted twice. This
+        fallback runs `separate_segment` once per stem; engines override it to do the shared work (the mix STFT,
+        a joint decomposition) once.
+        """
+        estimates = []
+        for index, query in enumerate(queries):
+            within = lambda f, i=index: progress((i + f) / len(queries))  # noqa: E731
+            estimates.append(self.separate_segment(mix, query, within))
+        stft = getattr(self, "stft", None) or STFT()
+        spec = stft.forward(mix)
+        return shares_to_stems(spec, stft.forward(torch.stack(estimates)).abs(), stft, mix.shape[-1])
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why this engine cannot run here (missing weights or packages), or None when it can."""
@@ -62,6 +80,22 @@ class Engine(abc.ABC):
     def refine_unavailable_reason(cls) -> str | None:
         """Why this engine cannot run with its shipped diffusion refiner, or None when it can."""
         return None if cls.can_refine else f"engine {cls.name} has no refiner; the refiner works after bsmamba"
+
+
+SHARE_EPS = 1e-12
+
+
+def mix_shares(magnitudes: torch.Tensor, mix_magnitude: torch.Tensor) -> torch.Tensor:
+    """Per-stem shares of each time-frequency point of the mix, from the stems' estimated magnitudes
+    (stems, ..., bins, frames) and the mix's (..., bins, frames): |estimate| / |mix| clipped to [0, 1], and where
+    the shares of one point sum to more than 1, all of them scaled down in proportion."""
+    shares = (magnitudes / mix_magnitude.clamp_min(SHARE_EPS)).clamp(0.0, 1.0)
+    return shares / shares.sum(dim=0, keepdim=True).clamp_min(1.0)
+
+
+def shares_to_stems(spec: torch.Tensor, magnitudes: torch.Tensor, stft: STFT, samples: int) -> torch.Tensor:
+    """The stems' audio (stems, ..., samples): each stem's share (`mix_shares`) of the mix STFT `spec`."""
+    return stft.inverse(mix_shares(magnitudes, spec.abs()) * spec, samples)
 
 
 @dataclass(frozen=True)

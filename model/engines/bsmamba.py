@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig, QueryCondition
-from stemquery.model.engines.base import Engine, StepProgress, no_progress, register_engine
+from stemquery.model.engines.base import Engine, StepProgress, no_progress, register_engine, shares_to_stems
 from stemquery.model.errors import StemqueryError
 from stemquery.model.parallel import SliceParallel
 from stemquery.model.stft import STFT
@@ -138,15 +138,36 @@ class BSMambaEngine(Engine):
         progress(1.0)
         return QueryState(self.model.embed_queries(specs), timbre)
 
-    def separate_segment(self, mix: torch.Tensor, query: QueryState,
-                         progress: StepProgress = no_progress) -> torch.Tensor:
-        spec = self._stereo_spec(mix)
+    def _estimate(self, spec: torch.Tensor, query: QueryState, progress: StepProgress) -> torch.Tensor:
+        """The target's complex STFT estimate for the mix STFT `spec` (1, 2, bins, frames)."""
         estimate = self.model(spec, query.condition, parallel=self.parallel)
         if self.refiner is not None:
             progress(0.2)
             generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
             estimate = self.refiner.refine(spec, estimate, query.timbre, steps=self.steps, blend=self.blend,
                                            generator=generator)
-        target = self.stft.inverse(estimate[0], mix.shape[-1])
+        return estimate
+
+    @staticmethod
+    def _channels_of(audio: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """Stereo network output back to the mix's channel count (a mono mix went in as two equal channels)."""
+        return audio.mean(dim=-2, keepdim=True) if mix.shape[0] == 1 else audio
+
+    def separate_segment(self, mix: torch.Tensor, query: QueryState,
+                         progress: StepProgress = no_progress) -> torch.Tensor:
+        spec = self._stereo_spec(mix)
+        target = self.stft.inverse(self._estimate(spec, query, progress)[0], mix.shape[-1])
         progress(1.0)
-        return target.mean(dim=0, keepdim=True) if mix.shape[0] == 1 else target
+        return self._channels_of(target, mix)
+
+    def separate_segment_stems(self, mix: torch.Tensor, queries: list[QueryState],
+                               progress: StepProgress = no_progress) -> torch.Tensor:
+        """The mix STFT once, the network once per stem on it, then each stem's share of the mix STFT."""
+        spec = self._stereo_spec(mix)
+        magnitudes = []
+        for index, query in enumerate(queries):
+            within = lambda f, i=index: progress((i + f) / len(queries))  # noqa: E731
+            magnitudes.append(self._estimate(spec, query, within)[0].abs())
+            within(1.0)
+        stems = shares_to_stems(spec[0], torch.stack(magnitudes), self.stft, mix.shape[-1])
+        return self._channels_of(stems, mix)

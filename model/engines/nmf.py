@@ -10,6 +10,7 @@ the standard multiplicative rules written as matrix products, so each iteration 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -116,19 +117,33 @@ class NMFEngine(Engine):
         w, _ = kl_nmf(magnitude, w, h, iterations=self.config.query_iterations, progress=progress)
         return w
 
+    def _decompose(self, magnitude: torch.Tensor, bases: list[torch.Tensor],
+                   progress: StepProgress) -> list[torch.Tensor]:
+        """The mix magnitude decomposed with every query's bases held fixed plus the free bases; returns each
+        query's reconstruction raised to `mask_power`, then the free bases' (everything else) last."""
+        gen = self._generator()
+        free = _normalise_columns(self._random(magnitude.shape[0], self.config.free_rank, generator=gen))
+        w = torch.cat([*bases, free], dim=1)
+        h = self._random(w.shape[1], magnitude.shape[1], generator=gen) * magnitude.mean()
+        fixed = sum(b.shape[1] for b in bases)
+        w, h = kl_nmf(magnitude, w, h, iterations=self.config.mix_iterations, fixed_columns=fixed, progress=progress)
+        edges = [0, *itertools.accumulate(b.shape[1] for b in bases), w.shape[1]]
+        return [(w[:, a:b] @ h[a:b]).pow(self.config.mask_power) for a, b in zip(edges, edges[1:])]
+
     def separate_segment(
         self, mix: torch.Tensor, query: torch.Tensor, progress: StepProgress = no_progress
     ) -> torch.Tensor:
         spec, magnitude = self._magnitude(mix)
-        gen = self._generator()
-        rank_q = query.shape[1]
-        free = _normalise_columns(self._random(magnitude.shape[0], self.config.free_rank, generator=gen))
-        w = torch.cat([query, free], dim=1)
-        h = self._random(w.shape[1], magnitude.shape[1], generator=gen) * magnitude.mean()
-        w, h = kl_nmf(magnitude, w, h, iterations=self.config.mix_iterations, fixed_columns=rank_q,
-                      progress=progress)
-        p = self.config.mask_power
-        target = (w[:, :rank_q] @ h[:rank_q]).pow(p)
-        rest = (w[:, rank_q:] @ h[rank_q:]).pow(p)
+        target, rest = self._decompose(magnitude, [query], progress)
         mask = target / (target + rest + EPS)
         return self.stft.inverse(spec * mask, mix.shape[-1]).to(mix.device)
+
+    def separate_segment_stems(self, mix: torch.Tensor, queries: list[torch.Tensor],
+                               progress: StepProgress = no_progress) -> torch.Tensor:
+        """One joint decomposition with every stem's bases: the Wiener masks of the stems and the rest are shares
+        of the mix that sum to 1 by construction."""
+        spec, magnitude = self._magnitude(mix)
+        *stems, rest = self._decompose(magnitude, list(queries), progress)
+        total = torch.stack(stems).sum(dim=0) + rest + EPS
+        return self.stft.inverse(spec * torch.stack([stem / total for stem in stems])[:, None],
+                                 mix.shape[-1]).to(mix.device)
