@@ -6,7 +6,7 @@ with when no clip is given (`stemquery separate MIX --stem bass`, `stemquery ins
 Every clip is a short phrase in the instrument's register, rendered by this project's renderer through a TRAINING
 timbre only (FluidR3_GM.sf2, in `render.SOUNDFONTS["train"]`): a separator never hears the reserved test timbres
 through its own examples. Deterministic: the same notes through the same SoundFont give the same files
-(fluidsynth renders without reverb or chorus, and `SoundFontSynth` flushes between parts). The index records each
+(fluidsynth renders without reverb or chorus, and each clip by a freshly loaded synth). The index records each
 clip's provenance (SoundFont, bank, preset, phrase), which the tests check against the reserved timbres.
 """
 from __future__ import annotations
@@ -196,15 +196,18 @@ def check_catalogue() -> None:
         raise ValueError(f"{SOUNDFONT} is not a training timbre (render.SOUNDFONTS['train'])")
 
 
-def render_all(out: Path = OUT, names: list[str] | None = None) -> dict:
-    """Render the clips (all, or those `names`) into `out` and write its index.json; returns the index."""
+def render_all(out: Path = OUT) -> dict:
+    """Render every clip into `out` and write its index.json; returns the index."""
     check_catalogue()
     out.mkdir(parents=True, exist_ok=True)
-    with SoundFontSynth(SOUNDFONT, sample_rate=SAMPLE_RATE) as synth:
-        for instrument in INSTRUMENTS:
-            if names is None or instrument.name in names:
-                sf.write(out / file_name(instrument), render_clip(synth, instrument), SAMPLE_RATE, subtype="PCM_16")
-                log.info("rendered %s", instrument.name)
+    for instrument in INSTRUMENTS:
+        # A fresh synth per clip: fluidsynth keeps some state from one part to the next (the first part after
+        # loading, and a part after another program, render slightly differently), so each clip would depend on
+        # which were rendered before it.
+        with SoundFontSynth(SOUNDFONT, sample_rate=SAMPLE_RATE) as synth:
+            clip = render_clip(synth, instrument)
+        sf.write(out / file_name(instrument), clip, SAMPLE_RATE, subtype="PCM_16")
+        log.info("rendered %s", instrument.name)
     data = index()
     (out / "index.json").write_text(json.dumps(data, indent=1) + "\n")
     return data
