@@ -168,9 +168,24 @@ def _file_name(engine_spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", engine_spec)
 
 
-#: What the engines are given as the query: the case's query clip, or its clean target itself (the perfect
-#: example: an engine that matches its query gains from it, one that only recognises the instrument does not).
-QUERY_SOURCES = ("clip", "target")
+#: What the engines are given as the query: the case's query clip, its clean target itself (the perfect example: an
+#: engine that matches its query gains from it, one that only recognises the instrument does not), or the name of
+#: the case's instrument (its bundled example clips: `model/instruments.py`).
+QUERY_SOURCES = ("clip", "target", "name")
+#: Baselines that take only a clip of this very sound (NMF learns its bases from it; a name gives it none): with
+#: `query_from="name"` they keep the case's clip, as the reference beside the named queries.
+CLIP_ONLY = ("nmf",)
+
+
+def case_instrument(case: Case) -> str:
+    """The instrument name a musician would ask for the case's target by (its GM program's, or its family's)."""
+    from stemquery.model.instruments import name_for_program
+
+    return name_for_program(int(case.meta.get("program", 0)), case.meta.get("family") == "drums")
+
+
+def _query_source(name: str, query_from: str) -> str:
+    return "clip" if query_from == "name" and name in CLIP_ONLY else query_from
 
 
 def _estimate(name: str, case: Case, separators: dict, query_from: str = "clip") -> np.ndarray:
@@ -178,6 +193,11 @@ def _estimate(name: str, case: Case, separators: dict, query_from: str = "clip")
         return case.mixture
     if name == "irm":
         return irm_oracle(case.mixture, case.target)
+    if query_from == "name":
+        from stemquery.model.api import StemQuery
+
+        instrument = case_instrument(case)
+        return separators[name].separate_stems(case.mixture, case.sample_rate, {instrument: StemQuery()})[instrument]
     query = case.target if query_from == "target" else case.query
     return separators[name].separate(case.mixture, case.sample_rate, [query]).target
 
@@ -202,8 +222,8 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
     if query_from not in QUERY_SOURCES:
         raise StemqueryError(f"query_from must be one of {', '.join(QUERY_SOURCES)}, not {query_from!r}")
     fingerprints = {n: engine_fingerprint(separators[n]) if n in separators else "v1" for n in names}
-    if query_from != "clip":
-        fingerprints = {n: f"{f}-{query_from}" for n, f in fingerprints.items()}
+    fingerprints = {n: f if _query_source(n, query_from) == "clip" else f"{f}-{query_from}"
+                    for n, f in fingerprints.items()}
     stored: dict[str, dict] = {}
     if cache:
         for name in names:
@@ -219,10 +239,12 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
                 row, took = stored[name][case.name]
             else:
                 started = time.perf_counter()
-                estimate = _estimate(name, case, separators, query_from)
+                estimate = _estimate(name, case, separators, _query_source(name, query_from))
                 took = time.perf_counter() - started
                 row = {"case": case.name, "engine": name, "protocol": case.meta.get("protocol", ""),
                        "family": case.meta.get("family", ""), **score(estimate, case)}
+                if _query_source(name, query_from) == "name":
+                    row["query"] = case_instrument(case)
                 stored.setdefault(name, {})[case.name] = (row, took)
             seconds[name] += took
             rows.append(row)
@@ -259,7 +281,10 @@ def summarise(rows: list[dict], engines: list[str]) -> dict:
 
 def markdown_report(result: dict) -> str:
     engines = result["engines"]
-    query = " Queries: each case's clean target (the perfect example)." if result.get("query_from") == "target" else ""
+    query = {"target": " Queries: each case's clean target (the perfect example).",
+             "name": " Queries: the name of each case's instrument (its bundled example clips); "
+                     f"{', '.join(CLIP_ONLY)}: the case's clip (a name gives it nothing to learn bases from)."}.get(
+        result.get("query_from"), "")
     lines = [f"Eval set `{result['set']}`: {result['cases']} cases.{query} Improvements (…i) are over the unprocessed "
              "mix; means (medians in brackets), dB.", "",
              "| engine | SNRi | SI-SDRi | SDRi | SI-SDR | RTF |", "| --- | --- | --- | --- | --- | --- |"]

@@ -159,3 +159,39 @@ def test_progress_and_abort_across_stems(three_sources, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         separator.separate_stems(mix, RATE, {"a": [queries[0]], "b": [queries[1]]}, progress=stop)
+
+
+def _write_case(folder, mixture, query, target, meta):
+    import json
+
+    import soundfile as sf
+
+    folder.mkdir(parents=True)
+    for name, audio in (("mixture", mixture), ("query", query), ("target", target)):
+        sf.write(folder / f"{name}.flac", audio.T, RATE, subtype="PCM_24")
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_eval_queries_by_the_cases_instrument_name(tiny_bsmamba, three_sources, tmp_path):
+    """`evaluate(query_from="name")`: the engine gets the bundled clips of the case's instrument, nmf its clip."""
+    from stemquery.model.evaluate import evaluate, markdown_report, read_case, score
+
+    mix, sources, queries = three_sources
+    mix, sources, queries = mix[:, :RATE], [s[:, :RATE] for s in sources], [q[:, :RATE] for q in queries]
+    _write_case(tmp_path / "set" / "case_000", mix, queries[0], sources[0],
+                {"protocol": "same_stem", "program": 33, "family": "bass"})
+    _write_case(tmp_path / "set" / "case_001", mix, queries[1], sources[1],
+                {"protocol": "same_stem", "program": 67, "family": "reed"})
+    by_clip = evaluate(tmp_path / "set", ["bsmamba"], cache=tmp_path / "cache")
+    by_name = evaluate(tmp_path / "set", ["bsmamba"], cache=tmp_path / "cache", query_from="name")
+    rows = {(r["engine"], r["case"]): r for r in by_name["rows"]}
+    assert [rows["bsmamba", c]["query"] for c in ("case_000", "case_001")] == ["bass", "reeds"]
+    for case_name, instrument in (("case_000", "bass"), ("case_001", "reeds")):
+        case = read_case(tmp_path / "set" / case_name)
+        estimate = tiny_bsmamba.separate_stems(case.mixture, RATE, {instrument: StemQuery()})[instrument]
+        assert rows["bsmamba", case_name]["si_sdr"] == pytest.approx(score(estimate, case)["si_sdr"], abs=1e-9)
+    clip_rows = {(r["engine"], r["case"]): r for r in by_clip["rows"]}
+    assert rows["nmf", "case_000"] == clip_rows["nmf", "case_000"]  # nmf keeps its clip (and its cache)
+    assert by_name["fingerprints"]["nmf"] == by_clip["fingerprints"]["nmf"]
+    assert by_name["fingerprints"]["bsmamba"] != by_clip["fingerprints"]["bsmamba"]
+    assert "the name of each case's instrument" in markdown_report(by_name)
