@@ -221,7 +221,7 @@ class HotFolder:
     def waiting(self) -> list[dict]:
         """The inbox files not taken yet, for status.json."""
         return [{"file": f"inbox/{path.name}", "since": entry.seen_at, "reason": entry.reason,
-                 "fails_after_s": self.wait_timeout_s}
+                 "fails_at": entry.seen_at + self.wait_timeout_s}
                 for path, entry in sorted(self._waiting.copy().items())]
 
     def scan(self) -> None:
@@ -268,7 +268,7 @@ class HotFolder:
             self._take_pair(name, group["mix"][0], group["query"][0])
 
     def _job_file_ready(self, path: Path) -> bool:
-        if not (self._stable(path) or path.stat().st_size > 0 and self._parses(path)):
+        if not (self._stable(path) or self._parses(path)):
             self._wait(path, f"{path.name}: waiting for it to be complete JSON")
             return False
         for beside in self._files_beside(path):
@@ -297,7 +297,7 @@ class HotFolder:
     @staticmethod
     def _parses(path: Path) -> bool:
         try:
-            json.loads(path.read_text())
+            json.loads(path.read_text())  # an empty file (or one just renamed away) does not parse
             return True
         except (OSError, ValueError):
             return False
@@ -326,8 +326,8 @@ class HotFolder:
         os.replace(path, job_dir / "job.json")
         self._submit_folder(job_dir)
 
-    @classmethod
-    def _files_beside(cls, path: Path, raw=None) -> list[Path]:
+    @staticmethod
+    def _files_beside(path: Path, raw=None) -> list[Path]:
         """The files a job file names by a bare file name that lie beside it in the inbox."""
         if raw is None:
             try:
