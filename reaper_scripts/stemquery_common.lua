@@ -228,10 +228,44 @@ function M.message(text)
   reaper.ShowMessageBox(text, "stemquery", 0)
 end
 
+-- the selection ------------------------------------------------------------------------------------------------
+--- The longest selected item is the mix, the others are query items. Returns mix, queries (item_audio windows) or
+--- nil and what to tell the user.
+function M.mix_and_queries(usage)
+  local items = M.selected_items()
+  if #items < 2 then return nil, usage end
+  table.sort(items, function(a, b)
+    return reaper.GetMediaItemInfo_Value(a, "D_LENGTH") > reaper.GetMediaItemInfo_Value(b, "D_LENGTH")
+  end)
+  local audio = {}
+  for i, item in ipairs(items) do
+    local window, why = M.item_audio(item)
+    if not window then return nil, "stemquery cannot use this item: " .. why end
+    audio[i] = window
+  end
+  local mix = table.remove(audio, 1)
+  return mix, audio
+end
+
+--- Stem names typed by the user ("bass, drums, keys"): trimmed, empty ones dropped, repeats (any case) once.
+function M.parse_names(text)
+  local names, seen = {}, {}
+  for field in (text .. ","):gmatch("([^,]*),") do
+    local name = field:match("^%s*(.-)%s*$")
+    if name ~= "" and not seen[name:lower()] then
+      seen[name:lower()] = true
+      names[#names + 1] = name
+    end
+  end
+  return names
+end
+
 -- the job ------------------------------------------------------------------------------------------------------
---- Build the hot-folder job for a mix window and query windows (and/or query ranges inside the mix window).
---- Returns the job: its id, the files to copy into inbox/, and the spec.
-function M.make_job(settings, mix, queries, query_ranges)
+--- Build the hot-folder job for a mix window and either query windows (and/or query ranges inside the mix window),
+--- giving one stem, "target"; or `stems`, a list of { name = ..., queries = { windows } } (no queries: the server
+--- uses its bundled examples of the instrument called `name`), giving one stem each (docs/hotfolder.md).
+--- Returns the job: its id, the files to copy into inbox/, the spec, and the stems to import, in order.
+function M.make_job(settings, mix, queries, query_ranges, stems)
   local id = string.format("reaper-%d-%06d", os.time(), math.random(0, 999999))
   local copies, names = {}, {}
   local function copy_name(path)
@@ -241,21 +275,34 @@ function M.make_job(settings, mix, queries, query_ranges)
     end
     return names[path]
   end
+  local function add_queries(target, windows)
+    target.query, target.query_windows = {}, {}
+    for _, q in ipairs(windows) do
+      target.query[#target.query + 1] = copy_name(q.path)
+      target.query_windows[#target.query_windows + 1] = { q.start, q.length }
+    end
+  end
   local spec = {
     mix = copy_name(mix.path),
     mix_window = { mix.start, mix.length },
-    query = {},
-    query_windows = {},
-    query_ranges = query_ranges or {},
     format = settings.format,
     refine = settings.refine == "1",
   }
   if settings.engine ~= "" then spec.engine = settings.engine end
-  for _, q in ipairs(queries) do
-    spec.query[#spec.query + 1] = copy_name(q.path)
-    spec.query_windows[#spec.query_windows + 1] = { q.start, q.length }
+  local order = { "target" }
+  if stems then
+    spec.stems, order = {}, {}
+    for i, stem in ipairs(stems) do
+      spec.stems[i] = { name = stem.name }
+      if stem.queries and #stem.queries > 0 then add_queries(spec.stems[i], stem.queries) end
+      order[i] = stem.name
+    end
+  else
+    add_queries(spec, queries)
+    spec.query_ranges = query_ranges or {}
   end
-  return { id = id, copies = copies, spec = spec, mix = mix, hotfolder = settings.hotfolder }
+  order[#order + 1] = "residual"
+  return { id = id, copies = copies, spec = spec, mix = mix, hotfolder = settings.hotfolder, order = order }
 end
 
 -- the defer loop -----------------------------------------------------------------------------------------------
@@ -370,10 +417,10 @@ function Job:import(stems)
   local cursor = reaper.GetCursorPosition()
   reaper.PreventUIRefresh(1)
   reaper.Undo_BeginBlock()
-  for offset, stem in ipairs({ "target", "residual" }) do
+  for offset, stem in ipairs(self.order) do
     local path = stems[stem]
     if path then
-      local index = track_number + offset - 1 -- 0-based: right under the mix's track, target first
+      local index = track_number + offset - 1 -- 0-based: right under the mix's track, in the order asked for
       reaper.InsertTrackAtIndex(index, true)
       local track = reaper.GetTrack(0, index)
       reaper.GetSetMediaTrackInfo_String(track, "P_NAME", string.format("%s – %s (stemquery)", mix.name, stem), true)

@@ -12,7 +12,7 @@ import soundfile as sf
 from luaparser import ast as lua_ast
 from luaparser import astnodes
 
-from conftest import RATE, tone_sequence
+from conftest import RATE, si_sdr, tone_sequence
 from test_server import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +23,8 @@ LUA = shutil.which("lua5.4") or shutil.which("lua")
 MIX_AND_QUERIES = SCRIPTS / "stemquery_Separate selected mix item using selected query items.lua"
 TIME_SELECTION = SCRIPTS / "stemquery_Separate selected item using time selection as query.lua"
 SETTINGS = SCRIPTS / "stemquery_Settings.lua"
+PER_QUERY_ITEM = SCRIPTS / "stemquery_Separate selected mix item into one track per query item.lua"
+BY_NAME = SCRIPTS / "stemquery_Separate selected item into named stems.lua"
 
 pytestmark = pytest.mark.skipif(LUA is None, reason="needs Debian's lua5.4 (.ci/run installs it)")
 
@@ -98,7 +100,7 @@ def test_reapack_headers_and_index():
     import xml.etree.ElementTree as ET
 
     actions = [p for p in SCRIPTS.glob("stemquery_*.lua") if p.name != "stemquery_common.lua"]
-    assert len(actions) == 3
+    assert len(actions) == 5
     index = ET.parse(SCRIPTS / "index.xml").getroot()
     listed = {pkg.get("name") for pkg in index.iter("reapack")}
     assert listed == {p.name for p in actions}
@@ -125,6 +127,7 @@ def media(tmp_path_factory):
     other = tone_sequence(rng.integers(65, 80, 12), 0.5, harmonics="hollow")
     sf.write(folder / "song.wav", np.stack([target + other, target + 0.7 * other]).T, RATE)
     sf.write(folder / "guitar.wav", np.stack([target, target]).T, RATE)
+    sf.write(folder / "keys.wav", np.stack([other, other]).T, RATE)
     long_mix = np.tile(target + other, 12)
     sf.write(folder / "long.wav", np.stack([long_mix, long_mix]).T, RATE)
     return folder
@@ -148,21 +151,23 @@ def query_item(media: Path, **overrides) -> dict:
     return {**item, **overrides}
 
 
-def check_imported(record: dict, mix_name: str, window: tuple[float, float], media: Path) -> None:
+def check_imported(record: dict, mix_name: str, window: tuple[float, float], media: Path,
+                   stems: tuple[str, ...] = ("target",)) -> list[np.ndarray]:
+    """The stems and the residual on new tracks right under the mix's, in order, sample-aligned, adding up to the
+    mix item's audio; returns their audio."""
     assert record["errors"] == [] and record["messages"] == [], record
-    assert [i["track"] for i in record["inserted"]] == [f"{mix_name} – target (stemquery)",
-                                                        f"{mix_name} – residual (stemquery)"]
-    assert [i["track_index"] for i in record["inserted"]] == [2, 3]  # right under the mix's track
+    names = [f"{mix_name} – {stem} (stemquery)" for stem in (*stems, "residual")]
+    assert [i["track"] for i in record["inserted"]] == names
+    assert [i["track_index"] for i in record["inserted"]] == list(range(2, 2 + len(names)))  # under the mix's track
     assert all(i["position"] == 10.0 and i["in_undo"] for i in record["inserted"])
-    assert record["tracks"] == ["Song", f"{mix_name} – target (stemquery)", f"{mix_name} – residual (stemquery)",
-                                "Samples"]
+    assert record["tracks"] == ["Song", *names, "Samples"]
     assert record["undo"] == ["stemquery: import separated stems"] and record["cursor"] == 42.0
-    target, rate = sf.read(record["inserted"][0]["file"], always_2d=True)
-    residual, _ = sf.read(record["inserted"][1]["file"], always_2d=True)
+    audio = [sf.read(i["file"], always_2d=True) for i in record["inserted"]]
     source, _ = sf.read(media / "song.wav", always_2d=True)
     start, length = (int(round(x * RATE)) for x in window)
-    assert rate == RATE and target.shape == (length, 2)  # sample-aligned with the item
-    np.testing.assert_allclose(target + residual, source[start: start + length], atol=1e-5)
+    assert all(rate == RATE and stem.shape == (length, 2) for stem, rate in audio)  # sample-aligned with the item
+    np.testing.assert_allclose(sum(stem for stem, _ in audio), source[start: start + length], atol=1e-5)
+    return [stem for stem, _ in audio]
 
 
 def test_mix_and_query_items_end_to_end(server, media, tmp_path):
@@ -235,3 +240,61 @@ def test_settings_are_kept_with_extstate(media, tmp_path):
     assert record["extstate"] == {"stemquery/hotfolder": str(tmp_path / "elsewhere"), "stemquery/engine": "nmf",
                                   "stemquery/refine": "0", "stemquery/format": "flac"}
     assert "not running" in record["messages"][0]
+
+
+# -- several stems --------------------------------------------------------------------------------------------------
+def test_one_track_per_query_item_end_to_end(server, media, tmp_path):
+    """Two query items named "guitar" (one stem, two examples) and one "keys": two stems and the residual."""
+    keys = query_item(media, name="keys", position=40.0, source={"file": str(media / "keys.wav"), "length": 6.0})
+    second_guitar = query_item(media, position=50.0, startoffs=2.5, length=1.5)
+    record = run_script(PER_QUERY_ITEM, project(media, server.hotfolder, items=[
+        query_item(media), mix_item(media), keys, second_guitar]), tmp_path)
+    guitar, keys_stem, _ = check_imported(record, "song", (1.0, 4.0), media, stems=("guitar", "keys"))
+    job = json.loads((Path(record["inserted"][0]["file"]).parent / "job.json").read_text())
+    assert [(s["name"], s["query_windows"]) for s in job["stems"]] == [("guitar", [[0.5, 2.0], [2.5, 1.5]]),
+                                                                       ("keys", [[0.5, 2.0]])]
+    source, _ = sf.read(media / "song.wav", always_2d=True)
+    guitar_alone, _ = sf.read(media / "guitar.wav", always_2d=True)
+    window = slice(RATE, 5 * RATE)
+    assert si_sdr(guitar[:, 0], guitar_alone[window, 0]) > si_sdr(source[window, 0], guitar_alone[window, 0]) + 3
+    assert np.sum(keys_stem**2) > 0.1 * np.sum(source[window] ** 2)
+
+
+def test_named_stems_from_the_dialog_end_to_end(server, media, tmp_path):
+    state = project(media, server.hotfolder, items=[mix_item(media)])
+    state["user_inputs"] = " bass, Drums,,bass "
+    record = run_script(BY_NAME, state, tmp_path)
+    check_imported(record, "song", (1.0, 4.0), media, stems=("bass", "Drums"))
+    assert record["user_inputs_default"] == "bass, drums, keys"
+    assert record["extstate"]["stemquery/names"] == "bass, Drums"  # offered next time
+    job = json.loads((Path(record["inserted"][0]["file"]).parent / "job.json").read_text())
+    assert job["stems"] == [{"name": "bass"}, {"name": "Drums"}] and job["mix_window"] == [1.0, 4.0]
+
+
+def test_named_stems_unknown_name_is_the_servers_message(server, media, tmp_path):
+    state = project(media, server.hotfolder, items=[mix_item(media)])
+    state["user_inputs"] = "basss"
+    record = run_script(BY_NAME, state, tmp_path)
+    assert record["inserted"] == [] and len(record["messages"]) == 1
+    assert "'basss' is not an instrument" in record["messages"][0] and "nearest: bass" in record["messages"][0]
+
+
+@pytest.mark.parametrize("answer, message", [
+    (None, None),  # the dialog cancelled: nothing happens
+    (" , ", "Name at least one stem"),
+    ("bass, residual", "'residual' is everything else"),
+])
+def test_named_stems_refusals(server, media, tmp_path, answer, message):
+    state = project(media, server.hotfolder, items=[mix_item(media)])
+    state["user_inputs"] = answer
+    record = run_script(BY_NAME, state, tmp_path)
+    assert record["inserted"] == [] and record["errors"] == []
+    assert len(record["messages"]) == (message is not None)
+    if message:
+        assert message in record["messages"][0]
+
+
+def test_per_query_item_needs_a_query_item(server, media, tmp_path):
+    record = run_script(PER_QUERY_ITEM, project(media, server.hotfolder, items=[mix_item(media)]), tmp_path)
+    assert record["messages"][0].startswith("Select the mix item and one query item per stem")
+    assert record["inserted"] == []

@@ -93,6 +93,13 @@ function Fake.install(arity, project, script_path)
     return state.time_selection[1], state.time_selection[2]
   end
   function impl.GetUserInputs(title, count, captions, values)
+    -- REAPER splits both the defaults and the answer into fields at the separator (`separator=X` among the
+    -- captions, else a comma): a script that asks for one field of comma-separated names must change it.
+    local separator = captions:match("separator=(.)") or ","
+    local fields = select(2, (state.user_inputs or values):gsub(separator:gsub("%p", "%%%0"), "")) + 1
+    assert(fields <= count, string.format("FakeReaper: GetUserInputs asks for %d field(s) but '%s' holds %d at "
+      .. "separator %q", count, state.user_inputs or values, fields, separator))
+    record.user_inputs_default = values
     if not state.user_inputs then return false, values end
     return true, state.user_inputs
   end
