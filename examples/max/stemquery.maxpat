@@ -30,12 +30,12 @@
      "patching_rect": [
       20,
       10,
-      620,
+      680,
       22
      ],
      "numinlets": 1,
      "numoutlets": 0,
-     "text": "stemquery: drop a mix and a query file, click the button. Replies come back on port 9131 (reply_port)."
+     "text": "stemquery: drop a mix and a query file, click the button. Several stems: click a stem list below (edit it first: names and/or name=/abs/clip.wav). Replies come back on port 9131 (reply_port)."
     }
    },
    {
@@ -289,7 +289,7 @@
      "maxclass": "newobj",
      "patching_rect": [
       20,
-      300,
+      320,
       180,
       22
      ],
@@ -462,6 +462,94 @@
      "numoutlets": 0,
      "text": "js stemquery_live_clip.js"
     }
+   },
+   {
+    "box": {
+     "id": "stemsmsg",
+     "maxclass": "message",
+     "patching_rect": [
+      470,
+      180,
+      230,
+      22
+     ],
+     "numinlets": 1,
+     "numoutlets": 1,
+     "text": "stem bass stem drums stem keys",
+     "outlettype": [
+      ""
+     ]
+    }
+   },
+   {
+    "box": {
+     "id": "stemsone",
+     "maxclass": "message",
+     "patching_rect": [
+      470,
+      210,
+      230,
+      22
+     ],
+     "numinlets": 1,
+     "numoutlets": 1,
+     "text": "stem guitar=/Users/me/Music/lick.wav",
+     "outlettype": [
+      ""
+     ]
+    }
+   },
+   {
+    "box": {
+     "id": "stemsclear",
+     "maxclass": "message",
+     "patching_rect": [
+      470,
+      240,
+      60,
+      22
+     ],
+     "numinlets": 1,
+     "numoutlets": 1,
+     "text": "zlclear",
+     "outlettype": [
+      ""
+     ]
+    }
+   },
+   {
+    "box": {
+     "id": "c5",
+     "maxclass": "comment",
+     "patching_rect": [
+      540,
+      240,
+      180,
+      22
+     ],
+     "numinlets": 1,
+     "numoutlets": 0,
+     "text": "back to one stem (target)"
+    }
+   },
+   {
+    "box": {
+     "id": "join",
+     "maxclass": "newobj",
+     "patching_rect": [
+      20,
+      295,
+      200,
+      22
+     ],
+     "numinlets": 2,
+     "numoutlets": 2,
+     "text": "zl join",
+     "outlettype": [
+      "",
+      ""
+     ]
+    }
    }
   ],
   "lines": [
@@ -612,18 +700,6 @@
    {
     "patchline": {
      "source": [
-      "opts",
-      0
-     ],
-     "destination": [
-      "send",
-      0
-     ]
-    }
-   },
-   {
-    "patchline": {
-     "source": [
       "recv",
       0
      ],
@@ -726,6 +802,66 @@
      "destination": [
       "err",
       1
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "opts",
+      0
+     ],
+     "destination": [
+      "join",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "join",
+      0
+     ],
+     "destination": [
+      "send",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "stemsmsg",
+      0
+     ],
+     "destination": [
+      "join",
+      1
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "stemsone",
+      0
+     ],
+     "destination": [
+      "join",
+      1
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "stemsclear",
+      0
+     ],
+     "destination": [
+      "join",
+      0
      ]
     }
    }
