@@ -280,7 +280,8 @@ class Chaos:
         with OscClient("127.0.0.1", self.port) as client:
             client.send("/stemquery/separate", "h", str(mix), str(query), str(self.media / "hot-out"), "bit_depth", 16)
             reply = client.wait_for("/stemquery/error", timeout=60)
-        self.row("hot float mix to 16-bit", 1, int(reply is not None and reply[1] == "bad_output" and "peaks" in reply[2]))
+        ok = reply is not None and reply[1] == "bad_output" and "peaks" in reply[2]
+        self.row("hot float mix to 16-bit", 1, int(ok))
 
     def concurrent_clients(self, count: int = 10) -> None:
         results: list[bool] = []

@@ -81,8 +81,8 @@ def load_config(path: Path | None) -> ServerConfig:
         data[name] = value
     unknown = [key for key in raw if _setting_name(key) not in known]
     if unknown:
-        raise StemqueryError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
-                             " (or the flag names of `stemquery serve`)")
+        raise StemqueryError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(sorted(known))} (or the flag names of `stemquery serve`)")
     for key in _PATH_LISTS & set(data):
         value = data[key]
         data[key] = tuple(Path(p).expanduser() for p in ([value] if isinstance(value, str) else value))

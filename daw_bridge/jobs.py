@@ -96,11 +96,10 @@ def parse_device(text: str) -> torch.device:
     """--device / the device setting as a torch device, or a StemqueryError saying what to give instead."""
     try:
         device = resolve_device(text)
-    except (RuntimeError, ValueError) as exc:
-        raise StemqueryError(f"device {text!r} is not a device name ({str(exc).splitlines()[0][:60]}); "
-                             "use auto, cpu or cuda") from None
+    except (RuntimeError, ValueError):
+        raise StemqueryError(f"device {text!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type not in DEVICE_TYPES or (device.type == "mps" and not torch.backends.mps.is_available()):
-        raise StemqueryError(f"device {text!r} is not available to stemquery here; use auto, cpu or cuda")
+        raise StemqueryError(f"device {text!r} is not available to stemquery here; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -161,6 +160,19 @@ def _run(separator: Separator, request: SeparationRequest, progress: ProgressCal
     mix, rate = read_audio(request.mix, allow_truncated=request.allow_truncated)
     mix = cut_window(mix, rate, request.mix_window, request.mix)
     check_headroom(mix, fmt, request.mix)
+    queries = _read_queries(request, rate)
+    out_dir = check_writable_folder(request.out_dir)
+    paths = {name: out_dir / path.name for name, path in request.output_paths(separator.engine.label).items()}
+    for path in paths.values():
+        check_not_another_mixes_stem(path, request.mix)
+    stems = separator.separate(mix, rate, queries, query_ranges=request.query_ranges, progress=progress)
+    arrays, warnings = stems_to_write(mix, stems, fmt)
+    write_audio_files({paths[name]: audio for name, audio in arrays.items()}, rate, fmt,
+                      comment=PROVENANCE + str(Path(request.mix).resolve()))
+    return SeparationResult(paths, warnings)
+
+
+def _read_queries(request: SeparationRequest, rate: int) -> list:
     queries = []
     windows = request.query_windows or [None] * len(request.queries)
     for path, window in zip(request.queries, windows):
@@ -171,15 +183,7 @@ def _run(separator: Separator, request: SeparationRequest, progress: ProgressCal
                              f"resample the query to {rate} Hz")
         check_query(clip, rate, name=f"{path}: query")
         queries.append(clip)
-    out_dir = check_writable_folder(request.out_dir)
-    paths = {name: out_dir / path.name for name, path in request.output_paths(separator.engine.label).items()}
-    for name, path in paths.items():
-        check_not_another_mixes_stem(path, request.mix)
-    stems = separator.separate(mix, rate, queries, query_ranges=request.query_ranges, progress=progress)
-    arrays, warnings = stems_to_write(mix, stems, fmt)
-    write_audio_files({paths[name]: audio for name, audio in arrays.items()}, rate, fmt,
-                      comment=PROVENANCE + str(Path(request.mix).resolve()))
-    return SeparationResult(paths, warnings)
+    return queries
 
 
 def _missing_folders(folder: Path) -> list[Path]:

@@ -317,7 +317,8 @@ class _TcpHandler(socketserver.BaseRequestHandler):
             else:
                 OscApi.refuse(TcpReply(self.request), "", "parse_error",
                               f"unknown TCP framing (first byte 0x{first[0]:02x}): send SLIP frames (OSC 1.1, "
-                              "0xC0 ... 0xC0) or 4-byte big-endian length-prefixed packets (OSC 1.0)", what="tcp stream")
+                              "0xC0 ... 0xC0) or 4-byte big-endian length-prefixed packets (OSC 1.0)",
+                              what="tcp stream")
         except OSError:
             pass
 

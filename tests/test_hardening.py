@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from conftest import RATE, tone_sequence
+from conftest import RATE
 from test_server import DONE_OR_ERROR, ServerProcess, free_port, server, wait_for_path, write_pair  # noqa: F401
 from stemquery.daw_bridge.cli import main
 from stemquery.daw_bridge.client import OscClient
@@ -139,7 +139,8 @@ def test_hot_folder_waits_for_complete_files_fails_the_stuck_ones_and_names_fail
             (inbox / "stuck.mix.wav").write_bytes(stuck)
             (inbox / "stuck.query.wav").write_bytes(query.read_bytes())
             time.sleep(3.0)
-            waiting = {w["file"]: w["reason"] for w in json.loads((server.hotfolder / "status.json").read_text())["waiting"]}
+            status = json.loads((server.hotfolder / "status.json").read_text())
+            waiting = {w["file"]: w["reason"] for w in status["waiting"]}
             copy.write(data[len(data) // 3:])
         assert "truncated: header says 6.0 s, data holds 2.0 s" in waiting["inbox/slow.mix.wav"], waiting
         assert "waiting for its pair lonely.query.EXT" in waiting["inbox/lonely.mix.wav"], waiting
@@ -219,7 +220,7 @@ def test_full_disk_says_so(tmp_path, pair):
 def test_unknown_device_is_one_line(pair, tmp_path):
     mix, query = pair
     message = one_line_error(run_cli("separate", mix, "-q", query, "-o", tmp_path / "o", "--device", "tpu"))
-    assert "device 'tpu' is not a device name" in message and "use auto, cpu or cuda" in message
+    assert message == "Error: device 'tpu' is not a device name; use auto, cpu, cuda or cuda:N"
     assert not (tmp_path / "o").exists()
 
 
@@ -451,8 +452,8 @@ def test_config_takes_flag_names_and_field_names(tmp_path):
 def test_readme_test_command_lists_every_ci_package_and_the_refined_stem_name():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    packages = re.findall(r"^\s+([a-z0-9][a-z0-9.+-]+)(?: ([a-z0-9.+-]+))?\s+#", ci.split("APT_PACKAGES=(")[1].split("\n)")[0],
-                          re.M)
+    listed = ci.split("APT_PACKAGES=(")[1].split("\n)")[0]
+    packages = re.findall(r"^\s+([a-z0-9][a-z0-9.+-]+)(?: ([a-z0-9.+-]+))?\s+#", listed, re.M)
     sentence = next(line for line in readme.splitlines() if line.startswith("Run the tests"))
     for names in packages:
         for name in filter(None, names):
