@@ -180,6 +180,32 @@ def test_cli_refuses_a_truncated_wav_unless_asked(tmp_path, pair):
     assert sf.info(tmp_path / "o" / "cut_(target)_nmf.wav").duration == pytest.approx(1.0, abs=0.01)
 
 
+def test_a_pipe_as_input_is_refused_not_waited_on(tmp_path):
+    """A FIFO named as the mix would block the server's one worker forever in libsndfile's read."""
+    import threading
+
+    from stemquery.model.audio import read_audio
+    from stemquery.model.errors import AudioInputError
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read() -> None:
+        try:
+            read_audio(fifo)
+        except AudioInputError as exc:
+            outcome.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # unblock the reader so the test process can end
+        with open(fifo, "wb"):
+            pass
+    assert outcome == [f"{fifo}: not a regular file (a pipe or device); give the path of an audio file"]
+
+
 # -- 3. a full disk, or any OS error on write: one line, the folder, nothing partial ---------------------------------
 def _limit_file_size():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
