@@ -13,6 +13,7 @@ import click
 from stemquery.daw_bridge.jobs import SeparationRequest, parse_device, range_problem, run_separation
 from stemquery.model import DEFAULT_ENGINE, StemqueryError, available_engines
 from stemquery.model.api import resolve_device
+from stemquery.model.evaluate import QUERY_SOURCES
 
 VERSION = package_version("stemquery")
 
@@ -44,6 +45,10 @@ def main(verbose: int) -> None:
               help="A clip of the wanted sound (repeat for several).")
 @click.option("--query-range", "query_ranges", multiple=True, type=parse_range,
               help="START:END seconds of the mix where the wanted sound is exposed (repeatable).")
+@click.option("--stem", "stems", multiple=True, metavar="NAME[=CLIP|=@START:END]",
+              help="A stem to separate (repeatable; all in one pass): NAME=CLIP takes that clip as its example "
+                   "(repeat a NAME for several clips), NAME=@12.5:16 a range of the mix, a bare NAME the bundled "
+                   "examples of that instrument (`stemquery instruments`).")
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: the mix's folder].")
 @click.option("--engine", default=DEFAULT_ENGINE, show_default=True)
@@ -57,11 +62,20 @@ def main(verbose: int) -> None:
               help="Refiner diffusion steps [default: the refiner's own, 10].")
 @click.option("--allow-truncated", is_flag=True,
               help="Read a WAV whose data is shorter than its header says (refused by default).")
-def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, device, refine, steps,
+def separate(mix, queries, query_ranges, stems, out_dir, engine, container, bit_depth, device, refine, steps,
              allow_truncated) -> None:
-    """Separate the sound the queries describe from MIX; write target and residual stems."""
+    """Separate the sound the queries describe from MIX (stem `target`), or every --stem in one pass; write each
+    stem and the residual (everything else: the files add up to the mix)."""
     from tqdm import tqdm
 
+    from stemquery.daw_bridge.spec import stem_requests
+
+    if not queries and not query_ranges and not stems:
+        raise click.UsageError("give --query CLIP, --query-range START:END or --stem NAME[=CLIP]")
+    try:
+        stem_list = stem_requests(list(stems))
+    except StemqueryError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stem") from None
     request = SeparationRequest(
         mix=mix,
         queries=list(queries),
@@ -73,6 +87,7 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
         refine=refine,
         steps=steps,
         allow_truncated=allow_truncated,
+        stems=stem_list,
     )
     bars: list[tqdm] = []  # created on the first report, so input errors print without a bar
 
@@ -97,6 +112,17 @@ def separate(mix, queries, query_ranges, out_dir, engine, container, bit_depth, 
         click.echo(f"Warning: {warning}", err=True)
     for path in result.paths.values():
         click.echo(path)
+
+
+@main.command()
+def instruments() -> None:
+    """List the instrument names with bundled example clips (for `--stem NAME`), their aliases and families."""
+    from stemquery.model.instruments import family_members, instrument_names
+
+    for entry in instrument_names():
+        members = "" if entry.kind == "instrument" else "  = " + ", ".join(family_members(entry))
+        aliases = f"  (also: {', '.join(entry.aliases)})" if entry.aliases else ""
+        click.echo(f"{entry.name:<18} {entry.kind:<10}{members}{aliases}")
 
 
 @main.command()
@@ -252,9 +278,10 @@ def evalset(corpus, out, cases, seed, segment, query_length) -> None:
 @click.option("--recompute", is_flag=True,
               help="Ignore per-engine results cached under OUT/cache (after a code change: the cache is keyed by "
                    "weights and options, not by code).")
-@click.option("--query-from", type=click.Choice(["clip", "target"]), default="clip", show_default=True,
-              help="The engines' query: each case's query clip, or its clean target (the perfect example: does the "
-                   "engine match it?) [results then default to EVAL_SET/results_target].")
+@click.option("--query-from", type=click.Choice(QUERY_SOURCES), default="clip", show_default=True,
+              help="The engines' query: each case's query clip, its clean target (the perfect example: does the "
+                   "engine match it?), or its instrument's name (the bundled examples; nmf keeps the clip) "
+                   "[results then default to EVAL_SET/results_target or results_name].")
 def evaluate_command(eval_set, engines, out, limit, device, recompute, query_from) -> None:
     """Score engines on an eval set: SNR, SI-SDR, SDR and their improvement over the mix, and RTF.
 

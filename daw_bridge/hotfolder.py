@@ -27,6 +27,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from stemquery.daw_bridge.journal import FINISHED, Job
+from stemquery.daw_bridge.spec import named_query_files
 from stemquery.model.audio import create_temp_beside, wav_length
 from stemquery.model.errors import StemqueryError
 
@@ -336,8 +337,7 @@ class HotFolder:
                 return []
         if not isinstance(raw, dict):
             return []
-        names = [raw.get("mix")] + (raw.get("query") if isinstance(raw.get("query"), list)
-                                    else str(raw.get("query") or "").split("|"))
+        names = [raw.get("mix")] + named_query_files(raw)
         found = []
         for name in names:
             if isinstance(name, str) and name and "/" not in name and "\\" not in name and name != "..":

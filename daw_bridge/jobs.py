@@ -1,6 +1,6 @@
 """One separation from files to files: the unit of work the CLI runs directly and the server queues.
 
-Reads the inputs, enforces the limits, runs the Separator, writes both stems all-or-nothing.
+Reads the inputs, enforces the limits, runs the Separator, writes every stem all-or-nothing.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 from stemquery.model import Separator
-from stemquery.model.api import DEFAULT_ENGINE, Stems, check_query, resolve_device
+from stemquery.model.api import DEFAULT_ENGINE, RESIDUAL, StemQuery, Stems, check_query, resolve_device
 from stemquery.model.audio import (OutputFormat, check_writable_folder, pcm_codes, pcm_range, read_audio,
                                    temp_pattern, write_audio_files)
 from stemquery.model.engines.base import ProgressCallback
@@ -31,6 +31,17 @@ class Limits:
 
     max_duration_s: float | None = None
     max_file_mb: float | None = None
+
+
+@dataclass
+class StemRequest:
+    """One stem of a request: its example files (with their windows) and ranges of the mix; neither: the bundled
+    examples of the instrument it is named after."""
+
+    name: str
+    queries: list[Path] = field(default_factory=list)
+    query_windows: list[tuple[float, float] | None] = field(default_factory=list)
+    query_ranges: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +63,24 @@ class SeparationRequest:
     steps: int | None = None
     #: Read a WAV whose data is shorter than its header says (refused by default: a copy may still be running).
     allow_truncated: bool = False
+    #: Further stems, separated in the same pass (`queries`/`query_ranges`, when given, are the stem `target`).
+    stems: list[StemRequest] = field(default_factory=list)
+
+    @property
+    def all_stems(self) -> list[StemRequest]:
+        """Every stem asked for, in order: `target` from `queries`/`query_ranges` (when given, or when nothing
+        else is), then `stems` (a stem of the same name joins it)."""
+        target = StemRequest("target", list(self.queries), list(self.query_windows), list(self.query_ranges))
+        joined = {"target": target} if self.queries or self.query_ranges or not self.stems else {}
+        for stem in self.stems:
+            if stem.name in joined:
+                mine = joined[stem.name]
+                joined[stem.name] = StemRequest(stem.name, mine.queries + stem.queries,
+                                                mine.query_windows + stem.query_windows,
+                                                mine.query_ranges + stem.query_ranges)
+            else:
+                joined[stem.name] = stem
+        return list(joined.values())
 
     @property
     def engine_options(self) -> dict:
@@ -66,15 +95,15 @@ class SeparationRequest:
         return OutputFormat(self.container, depth)
 
     def output_paths(self, engine: str) -> dict[str, Path]:
-        """python-audio-separator's naming: `<mix>_(target)_<engine>.<ext>`."""
+        """python-audio-separator's naming: `<mix>_(target)_<engine>.<ext>`, one per stem, then the residual."""
         ext = self.output_format.extension
         return {stem: Path(self.out_dir) / f"{Path(self.mix).stem}_({stem})_{engine}.{ext}"
-                for stem in ("target", "residual")}
+                for stem in [*(s.name for s in self.all_stems), RESIDUAL]}
 
 
 @dataclass(frozen=True)
 class SeparationResult:
-    #: {'target': path, 'residual': path}
+    #: {'target': path, 'residual': path}, or one path per stem asked for, then the residual
     paths: dict[str, Path]
     #: Things the user should know that did not stop the job (e.g. a stem clipped at an integer bit depth).
     warnings: list[str] = field(default_factory=list)
@@ -152,30 +181,31 @@ def run_separation(
 def _run(separator: Separator, request: SeparationRequest, progress: ProgressCallback | None,
          limits: Limits) -> SeparationResult:
     fmt = request.output_format
-    for start, end in request.query_ranges:
+    stems_asked = request.all_stems
+    for start, end in (r for stem in stems_asked for r in stem.query_ranges):
         if problem := range_problem(start, end):
             raise QueryError(problem)
-    for path in [request.mix, *request.queries]:
+    for path in [request.mix, *(q for stem in stems_asked for q in stem.queries)]:
         check_limits(Path(path), limits)
     mix, rate = read_audio(request.mix, allow_truncated=request.allow_truncated)
     mix = cut_window(mix, rate, request.mix_window, request.mix)
     check_headroom(mix, fmt, request.mix)
-    queries = _read_queries(request, rate)
+    queries = {stem.name: StemQuery(_read_queries(request, stem, rate), stem.query_ranges) for stem in stems_asked}
     out_dir = check_writable_folder(request.out_dir)
     paths = {name: out_dir / path.name for name, path in request.output_paths(separator.engine.label).items()}
     for path in paths.values():
         check_not_another_mixes_stem(path, request.mix)
-    stems = separator.separate(mix, rate, queries, query_ranges=request.query_ranges, progress=progress)
+    stems = separator.separate_stems(mix, rate, queries, progress=progress)
     arrays, warnings = stems_to_write(mix, stems, fmt)
     write_audio_files({paths[name]: audio for name, audio in arrays.items()}, rate, fmt,
                       comment=PROVENANCE + str(Path(request.mix).resolve()))
     return SeparationResult(paths, warnings)
 
 
-def _read_queries(request: SeparationRequest, rate: int) -> list:
+def _read_queries(request: SeparationRequest, stem: StemRequest, rate: int) -> list:
     queries = []
-    windows = request.query_windows or [None] * len(request.queries)
-    for path, window in zip(request.queries, windows):
+    windows = stem.query_windows or [None] * len(stem.queries)
+    for path, window in zip(stem.queries, windows):
         clip, clip_rate = read_audio(path, allow_truncated=request.allow_truncated)
         clip = cut_window(clip, clip_rate, window, path)
         if clip_rate != rate:
@@ -215,25 +245,27 @@ def check_headroom(mix: np.ndarray, fmt: OutputFormat, path: Path) -> None:
             "(--format wav --bit-depth 32, or bit_depth 32) or lower the mix's level")
 
 
-def stems_to_write(mix: np.ndarray, stems: Stems, fmt: OutputFormat) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The arrays to write, and warnings. For integer formats: the target quantised, and the residual the
-    quantised mix minus it, so target + residual == mix sample for sample whenever the mix was integer PCM at
-    this depth (and otherwise the mix quantised). Codes past full scale are clipped, with a warning."""
+def stems_to_write(mix: np.ndarray, stems: Stems | dict[str, np.ndarray],
+                   fmt: OutputFormat) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays to write, and warnings. For integer formats: each stem quantised, and the residual the quantised
+    mix minus them, so the stems and the residual sum to the mix sample for sample whenever the mix was integer PCM
+    at this depth (and otherwise the mix quantised). Codes past full scale are clipped, with a warning."""
+    stems = dict(stems.items())
     if fmt.subtype == "FLOAT":
-        return dict(stems.items()), []
-    target = pcm_codes(stems.target, fmt.bit_depth)
-    residual = pcm_codes(mix, fmt.bit_depth) - target
+        return stems, []
+    codes = {name: pcm_codes(audio, fmt.bit_depth) for name, audio in stems.items() if name != RESIDUAL}
+    codes[RESIDUAL] = pcm_codes(mix, fmt.bit_depth) - np.sum(list(codes.values()), axis=0)
     warnings = []
     low, high = pcm_range(fmt.bit_depth)
-    for name, codes in (("target", target), ("residual", residual)):
-        over = int(np.count_nonzero((codes < low) | (codes > high)))
+    for name, stem in codes.items():
+        over = int(np.count_nonzero((stem < low) | (stem > high)))
         if over:
-            peak = float(np.abs(codes).max()) / (high + 1)
+            peak = float(np.abs(stem).max()) / (high + 1)
             warnings.append(
                 f"the {name} stem peaks at {peak:.2f} ({20 * math.log10(max(peak, 1e-9)):+.1f} dBFS): {over} "
-                f"sample(s) clipped at {fmt.bit_depth} bits, so target + residual differs from the mix there; "
+                f"sample(s) clipped at {fmt.bit_depth} bits, so {' + '.join(codes)} differs from the mix there; "
                 "write 32-bit float WAV to keep them")
-    return {"target": target, "residual": residual}, warnings
+    return codes, warnings
 
 
 def check_not_another_mixes_stem(path: Path, mix: Path) -> None:

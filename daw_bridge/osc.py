@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/stemquery"
 MAX_TCP_FRAME = 1 << 20
-OPTION_KEYS = {"reply_port", "engine", "refine", "steps", "query_start", "query_end", "format", "bit_depth"}
+OPTION_KEYS = {"reply_port", "engine", "refine", "steps", "query_start", "query_end", "format", "bit_depth",
+               "stem"}
 
 
 class ReplyChannel:
@@ -219,6 +220,8 @@ class OscApi:
                     raise OscRequestError(f"{key} must be seconds, got {value!r}") from None
             elif key in ("steps", "bit_depth"):
                 raw[key] = _int(value, key)
+            elif key == "stem":  # repeatable: one more stem each time
+                raw.setdefault("stems", []).append(_string([value], 0, "stem"))
             else:
                 raw[key] = value
         if query_range:

@@ -81,6 +81,8 @@ class StemqueryServer:
         spec = dict(job.spec)
         spec["mix"] = str(self.policy.resolve(spec["mix"]))
         spec["query"] = [str(self.policy.resolve(q)) for q in spec["query"]]
+        spec["stems"] = [{**stem, "query": [str(self.policy.resolve(q)) for q in stem["query"]]}
+                         for stem in spec.get("stems") or []]
         spec["out_dir"] = str(self.policy.resolve(spec["out_dir"]))
         return spec
 

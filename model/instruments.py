@@ -72,6 +72,12 @@ def lookup(name: str) -> InstrumentName:
                      "(NAME=CLIP)")
 
 
+def family_members(entry: InstrumentName) -> list[str]:
+    """The instruments whose clips a family name stands for (an instrument: itself)."""
+    return [other.name for other in instrument_names()
+            if other.kind == "instrument" and set(other.files) <= set(entry.files)]
+
+
 def name_for_program(program: int, is_drum: bool = False) -> str:
     """The name a musician would ask for a General-MIDI program by: its own instrument when bundled, else its
     family's."""
