@@ -134,7 +134,8 @@ class HotFolder:
         for sub in SUBFOLDERS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._sizes: dict[Path, tuple[int, float]] = {}
-        self._waiting: dict[Path, Waiting] = {}
+        self._waiting: dict[Path, Waiting] = {}  # as of the last scan (status.json shows it)
+        self._renewed: dict[Path, Waiting] = {}  # being built by the running scan
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._observer = (PollingObserver(timeout=1) if poll else Observer())
@@ -213,11 +214,11 @@ class HotFolder:
         return True
 
     def _wait(self, path: Path, reason: str, code: str = "bad_request") -> None:
-        entry = self._waiting.get(path)
-        if entry is None:
-            self._waiting[path] = Waiting(time.monotonic(), time.time(), reason, code)
-        else:
-            entry.reason, entry.code = reason, code
+        """Note that `path` waits, for `reason`, since it first waited (an entry lives only while each scan
+        renews it, so a reason never outlives its cause)."""
+        entry = self._renewed.get(path) or self._waiting.get(path)
+        since, seen_at = (entry.since, entry.seen_at) if entry else (time.monotonic(), time.time())
+        self._renewed[path] = Waiting(since, seen_at, reason, code)
 
     def waiting(self) -> list[dict]:
         """The inbox files not taken yet, for status.json."""
@@ -227,6 +228,7 @@ class HotFolder:
 
     def scan(self) -> None:
         inbox = self.folder("inbox")
+        self._renewed = {}
         entries = sorted(p for p in inbox.iterdir() if p.is_file() and not IGNORED.search(p.name))
         groups: dict[str, dict[str, list[Path]]] = {}
         for path in entries:
@@ -250,7 +252,7 @@ class HotFolder:
             if (job_dir / "cancel").exists():
                 self.server.cancel(job_dir.name)
         self._sizes = {p: v for p, v in self._sizes.items() if p.exists()}
-        self._waiting = {p: v for p, v in self._waiting.items() if p.exists()}
+        self._waiting = self._renewed  # one assignment: status.json never sees a half-built list
         self._fail_overdue()
 
     def _consider_pair(self, name: str, group: dict[str, list[Path]]) -> None:
@@ -282,7 +284,7 @@ class HotFolder:
         """Files that waited wait_timeout_s go to failed/NAME/ (a pair's files together) with error.json saying why;
         the files themselves are kept there."""
         now = time.monotonic()
-        for path, entry in sorted(self._waiting.items(), key=lambda item: item[1].since):
+        for path, entry in sorted(self._waiting.copy().items(), key=lambda item: item[1].since):
             if now - entry.since < self.wait_timeout_s or not path.exists():
                 continue
             match = PAIR.match(path.name)
@@ -292,6 +294,7 @@ class HotFolder:
             job_dir = self._new_job_dir(name)
             for item in together:
                 os.replace(item, job_dir / item.name)
+                self._waiting.pop(item, None)
             self._reject(job_dir, entry.code, f"{entry.reason}; gave up after {self.wait_timeout_s:g} s in inbox/ "
                                               "(--wait-timeout)")
 

@@ -130,20 +130,23 @@ def test_hot_folder_waits_for_complete_files_fails_the_stuck_ones_and_names_fail
         (inbox / "slow.query.wav").write_bytes(query.read_bytes())
         (inbox / "bad.mix.wav").write_text("not audio at all")  # 13.: its error names failed/, not processing/
         (inbox / "bad.query.wav").write_bytes(query.read_bytes())
+        # the query of a copy that never finishes comes first: its "waiting for its pair" must not outlive that
+        (inbox / "stuck.query.wav").write_bytes(query.read_bytes())
+        time.sleep(1.0)
         with (inbox / "slow.mix.wav").open("wb") as copy:  # a slow copy: a third, a pause, the rest
             copy.write(data[: len(data) // 3])
             copy.flush()
             lonely, _ = write_pair(tmp_path, "lonely", 1.0)
             (inbox / "lonely.mix.wav").write_bytes(lonely.read_bytes())
-            stuck = data[: len(data) // 3]  # a copy that never finishes
+            stuck = data[: len(data) // 3]
             (inbox / "stuck.mix.wav").write_bytes(stuck)
-            (inbox / "stuck.query.wav").write_bytes(query.read_bytes())
             time.sleep(3.0)
             status = json.loads((server.hotfolder / "status.json").read_text())
             waiting = {w["file"]: w["reason"] for w in status["waiting"]}
             copy.write(data[len(data) // 3:])
         assert "truncated: header says 6.0 s, data holds 2.0 s" in waiting["inbox/slow.mix.wav"], waiting
         assert "waiting for its pair lonely.query.EXT" in waiting["inbox/lonely.mix.wav"], waiting
+        assert "inbox/stuck.query.wav" not in waiting, waiting  # it waits for nothing: its mix is there
         result = json.loads(wait_for_path(server.hotfolder / "done" / "slow" / "result.json", 60).read_text())
         target, rate = sf.read(result["stems"]["target"])
         assert target.shape[0] / rate == pytest.approx(6.0, abs=0.01)  # the whole mix, not the first 2 s
