@@ -122,8 +122,8 @@ def parse_stem_text(text: str) -> dict:
 
 
 def named_query_files(raw: dict) -> list:
-    """Every query file a raw (unchecked) job names, its stems' too; whatever does not parse is left out (the
-    job's validation says what is wrong with it)."""
+    """Every query file a raw (unchecked) job names, its stems' too, each once; whatever does not parse is left out
+    (the job's validation says what is wrong with it)."""
     def files(queries) -> list:
         return queries if isinstance(queries, list) else str(queries or "").split("|")
 
@@ -133,7 +133,7 @@ def named_query_files(raw: dict) -> list:
             names += stem.partition("=")[2].split("|")
         elif isinstance(stem, dict):
             names += files(stem.get("query"))
-    return names
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))  # a file two stems share moves once
 
 
 def _stems(raw) -> list[dict]:

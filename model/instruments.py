@@ -66,7 +66,8 @@ def lookup(name: str) -> InstrumentName:
     key = normalise(name)
     if key in words:
         return words[key]
-    nearest = difflib.get_close_matches(key, list(words), n=SUGGESTIONS, cutoff=0.5)
+    close = difflib.get_close_matches(key, list(words), n=3 * SUGGESTIONS, cutoff=0.5)
+    nearest = list(dict.fromkeys(words[word].name for word in close))[:SUGGESTIONS]  # an alias → what it names
     hint = f"nearest: {', '.join(nearest)}" if nearest else "`stemquery instruments` lists them"
     raise QueryError(f"{name!r} is not an instrument with bundled examples ({hint}); give a clip instead "
                      "(NAME=CLIP)")

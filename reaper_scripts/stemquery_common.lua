@@ -229,14 +229,18 @@ function M.message(text)
 end
 
 -- the selection ------------------------------------------------------------------------------------------------
---- The longest selected item is the mix, the others are query items. Returns mix, queries (item_audio windows) or
---- nil and what to tell the user.
+--- The longest selected item is the mix (the first of equally long ones), the others are query items, in selection
+--- order. Returns mix, queries (item_audio windows) or nil and what to tell the user.
 function M.mix_and_queries(usage)
   local items = M.selected_items()
   if #items < 2 then return nil, usage end
-  table.sort(items, function(a, b)
-    return reaper.GetMediaItemInfo_Value(a, "D_LENGTH") > reaper.GetMediaItemInfo_Value(b, "D_LENGTH")
-  end)
+  local longest = 1
+  for i, item in ipairs(items) do
+    if reaper.GetMediaItemInfo_Value(item, "D_LENGTH") > reaper.GetMediaItemInfo_Value(items[longest], "D_LENGTH") then
+      longest = i
+    end
+  end
+  table.insert(items, 1, table.remove(items, longest))
   local audio = {}
   for i, item in ipairs(items) do
     local window, why = M.item_audio(item)

@@ -28,6 +28,11 @@ def server(tmp_path_factory):
     process.stop()
 
 
+def unescape(text: str) -> str:
+    """Pd prints a symbol's spaces, commas and semicolons escaped with a backslash."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def run_patch(server: ServerProcess, messages: list[str]) -> tuple[dict[str, Path], list[str]]:
     """Open the patch and the harness in a headless Pd, send `messages`, wait for it to quit (on done or error);
     returns the stems it printed (name → path) and the errors."""
@@ -40,8 +45,8 @@ def run_patch(server: ServerProcess, messages: list[str]) -> tuple[dict[str, Pat
     assert result.returncode == 0, output
     stems = {}
     for name, path in re.findall(r"^STEM: (\S+) (.+)$", output, re.MULTILINE):
-        stems[name] = Path(path.replace("\\ ", " ").strip())
-    errors = re.findall(r"^ERROR: (.+)$", output, re.MULTILINE)
+        stems[name] = Path(unescape(path.strip()))
+    errors = [unescape(e) for e in re.findall(r"^ERROR: (.+)$", output, re.MULTILINE)]
     assert stems or errors, output
     return stems, errors
 
@@ -73,4 +78,4 @@ def test_pd_patch_reports_the_servers_error(server):
     stems, errors = run_patch(server, [f"stemquery-mix {mix}", f"stemquery-out {server.media / 'out-bad'}",
                                        "stemquery-stem basss"])
     assert stems == {} and len(errors) == 1
-    assert errors[0].startswith("bad_query") and "nearest: bass" in errors[0]
+    assert errors[0].startswith("bad_query 'basss' is not an instrument") and "bass, brass" in errors[0]
