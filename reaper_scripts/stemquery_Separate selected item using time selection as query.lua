@@ -30,10 +30,7 @@ local function run()
       MIN_QUERY_SECONDS))
     return
   end
-  local settings = stemquery.settings()
-  local running, status = stemquery.server_running(settings.hotfolder)
-  if not running then stemquery.message(status); return end
-  stemquery.start(stemquery.make_job(settings, mix, {}, { { first, last } }))
+  stemquery.submit(mix, {}, { { first, last } })
 end
 
 run()

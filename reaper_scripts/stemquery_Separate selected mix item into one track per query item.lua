@@ -40,10 +40,7 @@ local function run()
       return
     end
   end
-  local settings = stemquery.settings()
-  local running, status = stemquery.server_running(settings.hotfolder)
-  if not running then stemquery.message(status); return end
-  stemquery.start(stemquery.make_job(settings, mix, nil, nil, stems))
+  stemquery.submit(mix, nil, nil, stems)
 end
 
 run()

@@ -18,10 +18,7 @@ local function run()
     "Select the mix item and at least one query item (the longest selected item is the mix).\n" ..
     "To use part of the mix itself as the query, use 'Separate selected item using time selection as query'.")
   if not mix then stemquery.message(queries); return end
-  local settings = stemquery.settings()
-  local running, status = stemquery.server_running(settings.hotfolder)
-  if not running then stemquery.message(status); return end
-  stemquery.start(stemquery.make_job(settings, mix, queries, {}))
+  stemquery.submit(mix, queries, {})
 end
 
 run()

@@ -309,6 +309,14 @@ function M.make_job(settings, mix, queries, query_ranges, stems)
   return { id = id, copies = copies, spec = spec, mix = mix, hotfolder = settings.hotfolder, order = order }
 end
 
+--- Check that the server runs, then send the job (make_job's arguments after the settings) and follow it.
+function M.submit(mix, queries, query_ranges, stems)
+  local settings = M.settings()
+  local running, status = M.server_running(settings.hotfolder)
+  if not running then M.message(status); return end
+  M.start(M.make_job(settings, mix, queries, query_ranges, stems))
+end
+
 -- the defer loop -----------------------------------------------------------------------------------------------
 local Job = {}
 Job.__index = Job
