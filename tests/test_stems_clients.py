@@ -133,3 +133,9 @@ def test_hot_folder_job_with_stems(server, tmp_path):
     np.testing.assert_allclose(sum(read(Path(p)) for p in result["stems"].values()), read(mix), atol=1e-6)
     job = json.loads((server.hotfolder / "done" / "multi" / "job.json").read_text())
     assert (server.hotfolder / "done" / "multi" / "q.wav").exists() and job["stems"][1] == "drums"
+
+
+def test_the_example_stems_job_is_valid():
+    raw = json.loads((ROOT / "examples" / "hotfolder" / "stems.job.json").read_text())
+    assert [stem["name"] for stem in validate_spec(raw)["stems"]] == ["flute", "piano", "bass"]
+    assert (ROOT / "examples" / "audio" / raw["stems"][0]["query"][0]).exists()
