@@ -9,6 +9,8 @@ import logging
 import multiprocessing
 from pathlib import Path
 
+from stemquery.model.data.splits import MUSIC21, split_of
+
 log = logging.getLogger(__name__)
 
 #: Formats in the music21 corpus that hold notes for several parts (rntxt is harmonic analysis, no notes).
@@ -68,6 +70,8 @@ def cache_music21_corpus(out_dir: Path, *, workers: int = 2) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {p.name.split("#")[0].removesuffix(".mid") for p in out_dir.glob("*.mid")}
     todo = [(wid, p, out_dir) for wid, p in music21_work_paths() if cache_name(wid)[:-4] not in done]
+    # held-out works first: the eval sets need only them, and can be rendered while the rest is still parsing
+    todo.sort(key=lambda item: split_of(MUSIC21 + item[0]) == "train")
     cached: list[str] = []
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for names in tqdm(pool.imap_unordered(_cache_one, todo), total=len(todo), desc="music21 → MIDI"):

@@ -2,12 +2,14 @@
 
     stemquery data prepare            # music21 cache, four renders, three eval sets (about 45 min on 2 cores)
 
-Each step is skipped when its output is complete (a render's index.json, an eval set's last case), so an
-interrupted run continues where it stopped. The seeds and sizes are the documented ones (docs/data.md).
+Each step is skipped when its output is complete (a render's index.json, written last; an eval set's folder,
+renamed into place when complete), so an interrupted run continues where it stopped (a render keeps its finished
+tracks). The seeds and sizes are the documented ones (docs/data.md).
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +60,13 @@ def prepare(root: Path, *, workers: int = 2, only: tuple[str, ...] = ()) -> list
         ran.append(step.name)
     for step in EVAL_SETS:
         out = root / step.name
-        last = out / f"case_{step.cases - 1:03d}" / "meta.json"
-        if (only and step.name not in only) or last.exists():
+        if (only and step.name not in only) or out.exists():
             continue
+        # drawn beside and renamed when complete: a training run validating on it never sees half a set
+        partial = root / f"{step.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
         log.info("drawing %s from %s (%d cases, seed %d)", out, root / step.corpus, step.cases, step.seed)
-        build_evalset(root / step.corpus, out, cases=step.cases, seed=step.seed)
+        build_evalset(root / step.corpus, partial, cases=step.cases, seed=step.seed)
+        partial.rename(out)
         ran.append(step.name)
     return ran

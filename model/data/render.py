@@ -6,7 +6,7 @@ Layout: OUT/tNNNNNN/{mix.flac, stems/NN_<part>.flac, meta.json} (FLAC 16-bit), O
 
 Determinism: the plan (which work, excerpt, SoundFont, programs, gains, reverb) is drawn from (seed, track index);
 tracks are rendered in fixed shards, each shard by its own fresh synths in track order, so the audio depends on the
-seed alone, not on the number of workers.
+seed alone, not on the number of workers. Resumable: a track whose meta.json (written last) exists is kept.
 """
 from __future__ import annotations
 
@@ -303,7 +303,8 @@ def _render_shard(args: tuple[RenderConfig, list[TrackPlan], object]) -> list[di
     metas = []
     try:
         for plan in plans:
-            meta = renderer.render(plan)
+            done = config.out / plan.track / "meta.json"  # written last: the track is complete
+            meta = json.loads(done.read_text()) if done.exists() else renderer.render(plan)
             metas.append(meta)
             if done_queue is not None:
                 done_queue.put(sum(1 for _ in meta["stems"]) * plan.seconds)
