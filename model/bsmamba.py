@@ -21,7 +21,7 @@ The network works on spectrograms; the STFT and chunking live in the engine (`en
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from einops import rearrange
@@ -238,15 +238,18 @@ class BSMamba(nn.Module):
         return (relative_log_power(spec) - profile[..., None])[:, None]  # (b, 1, f, t)
 
     def forward(self, mix_spec: torch.Tensor, query: QueryCondition, *,
-                parallel: SliceParallel | None = None) -> torch.Tensor:
+                parallel: SliceParallel | None = None,
+                progress: Callable[[float], None] | None = None) -> torch.Tensor:
         """Complex mix STFT (batch, channels, bins, frames) → complex target STFT, same shape.
 
         Each band's input holds, per bin, how far the mix's relative log power is above the query's long-term
         spectrum: a direct "does this look like the query" cue from the first layer on. With the query reaching the
         network only through FiLM, it stayed a constant ~0.85 × mix for 800 steps (docs/results.md).
         `parallel` runs the per-band maps and the sequence layers slice by slice on worker threads (CPU inference:
-        `model/parallel.py`)."""
+        `model/parallel.py`); `progress(fraction)` is told after each block, so a long segment reports as it goes."""
         x = self.split(mix_spec, self.match_cue(mix_spec, query.profile), parallel)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             x = block(x, query, parallel)
+            if progress:
+                progress((index + 1) / (len(self.blocks) + 1))
         return self.mask(x, parallel) * mix_spec

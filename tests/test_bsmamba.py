@@ -210,6 +210,21 @@ def test_engine_through_api_keeps_shape_and_sums(tiny_weights, two_sources):
         np.testing.assert_allclose(stems.target + stems.residual, audio, atol=1e-6)
 
 
+def test_engine_reports_progress_within_a_segment(tmp_path, monkeypatch, two_sources):
+    """One 20 s segment is one call of the network: its blocks report as they finish, so progress moves in steps
+    of at most a quarter of the separation (four blocks, then the mask and the inverse STFT), not from the query
+    straight to the end."""
+    save_weights(BSMamba(BSMambaConfig(**{**TINY, "layers": 4, "match_heads": 2})),
+                 tmp_path / engine_module.WEIGHTS_NAME)
+    monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
+    mix, _, query = two_sources
+    seen = []
+    Separator("bsmamba", device="cpu").separate(mix, RATE, [query], progress=lambda f, stage: seen.append(f))
+    separating = [f for f in seen if 0.1 <= f <= 1.0]
+    assert len(separating) >= 6 and seen == sorted(seen) and seen[-1] == 1.0
+    assert max(np.diff(separating)) <= 0.25
+
+
 def test_engine_through_cli(tiny_weights, write_audio, two_sources, tmp_path):
     mix, _, query = two_sources
     result = CliRunner().invoke(main, ["separate", str(write_audio("m.wav", mix)), "-q",

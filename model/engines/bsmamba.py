@@ -140,9 +140,10 @@ class BSMambaEngine(Engine):
 
     def _estimate(self, spec: torch.Tensor, query: QueryState, progress: StepProgress) -> torch.Tensor:
         """The target's complex STFT estimate for the mix STFT `spec` (1, 2, bins, frames)."""
-        estimate = self.model(spec, query.condition, parallel=self.parallel)
+        # the separator's blocks report as they finish (a 20 s segment would otherwise be one step of progress)
+        share = 0.2 if self.refiner is not None else 0.95
+        estimate = self.model(spec, query.condition, parallel=self.parallel, progress=lambda f: progress(share * f))
         if self.refiner is not None:
-            progress(0.2)
             generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
             estimate = self.refiner.refine(spec, estimate, query.timbre, steps=self.steps, blend=self.blend,
                                            generator=generator)
