@@ -299,14 +299,7 @@ class TripleSampler:
     def _query_cross_track(self, rng, stem: Stem, eq_db: np.ndarray | None,
                            speed: float = 1.0) -> tuple[np.ndarray | None, Stem]:
         candidates = [s for s in self.by_key.get(stem.key, []) if s.track != stem.track]
-        if not candidates:
-            return None, stem
-        other = candidates[int(rng.integers(len(candidates)))]
-        starts = self._active_starts(other, self.query_len, other.audio.shape[1], self.min_active)
-        if len(starts) == 0:
-            return None, stem
-        start = int(starts[int(rng.integers(len(starts)))]) * self.hop
-        return self._cut(other, start, self.query_len, eq_db, speed) * self._gain(rng), other
+        return self._query_from_one_of(rng, candidates, stem, eq_db, speed)
 
     def _query_cross_source(self, rng, stem: Stem, speed: float = 1.0) -> tuple[np.ndarray | None, Stem]:
         """The same program (else family; drums: drums) from another timbre source and another track, with an EQ of
@@ -316,6 +309,12 @@ class TripleSampler:
         if not candidates and not stem.is_drum:
             candidates = [s for s in self.by_family.get(stem.family, [])
                           if s.source != stem.source and s.track != stem.track and not s.is_drum]
+        return self._query_from_one_of(rng, candidates, stem, None, speed, own_eq=True)
+
+    def _query_from_one_of(self, rng, candidates: list[Stem], stem: Stem, eq_db: np.ndarray | None, speed: float,
+                           own_eq: bool = False) -> tuple[np.ndarray | None, Stem]:
+        """A query-long active clip of one of `candidates` (with `eq_db`, or an EQ of its own drawn after its start
+        when `own_eq`), and the stem it came from; (None, `stem`) when there is none."""
         if not candidates:
             return None, stem
         other = candidates[int(rng.integers(len(candidates)))]
@@ -323,7 +322,8 @@ class TripleSampler:
         if len(starts) == 0:
             return None, stem
         start = int(starts[int(rng.integers(len(starts)))]) * self.hop
-        return self._cut(other, start, self.query_len, self._timbre_eq(rng), speed) * self._gain(rng), other
+        eq_db = self._timbre_eq(rng) if own_eq else eq_db
+        return self._cut(other, start, self.query_len, eq_db, speed) * self._gain(rng), other
 
     def _query_overlap(self, rng, stem: Stem, segment_start: int, limit: int, eq_db: np.ndarray | None,
                        speed: float = 1.0) -> np.ndarray | None:
