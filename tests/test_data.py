@@ -270,3 +270,25 @@ def test_speed_change_moves_the_pitch_of_mixture_target_and_query_together():
     still = TripleSampler(tracks, sample_rate=rate, segment_s=2.0, query_s=2.0, absent_target_p=0.0,
                           random_gains=False)
     assert still.draw(np.random.default_rng(0)).info["speed"] == 1.0
+
+
+@needs_fluidsynth
+def test_prepare_renders_and_draws_what_is_missing_once(tmp_path, midi_cache, monkeypatch):
+    """`stemquery data prepare`: every missing render and eval set, then nothing on a second run; an interrupted
+    eval set (its `.partial` folder) is drawn again, never left half-written under its name."""
+    from stemquery.model.data import prepare as prepare_module
+    from stemquery.model.data import render as render_module
+
+    root = tmp_path / "data"
+    shutil.copytree(midi_cache, root / "midi_music21")
+    (root / "midi_music21" / "done").write_text("")
+    monkeypatch.setitem(render_module.SOUNDFONTS, "train", [FLUID])
+    monkeypatch.setitem(render_module.EXTRA_KITS, "train", [])
+    monkeypatch.setattr(prepare_module, "RENDERS", (prepare_module.Render("train", "train", 25 / 3600, 3),))
+    monkeypatch.setattr(prepare_module, "EVAL_SETS", (prepare_module.EvalSet(
+        "eval_train", "train", 0, cases=2, segment_s=2.0, query_s=1.0, protocols=("same_stem",)),))
+    (root / "eval_train.partial" / "case_000").mkdir(parents=True)  # a run that died mid-draw
+    assert prepare_module.prepare(root, workers=1) == ["train", "eval_train"]
+    assert (root / "train" / "index.json").exists() and not (root / "eval_train.partial").exists()
+    assert sorted(p.name for p in (root / "eval_train").iterdir()) == ["case_000", "case_001"]
+    assert prepare_module.prepare(root, workers=1) == []

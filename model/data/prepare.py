@@ -30,6 +30,9 @@ class EvalSet:
     corpus: str
     seed: int
     cases: int = 160  # 40 per query protocol
+    segment_s: float = 10.0
+    query_s: float = 4.0
+    protocols: tuple[str, ...] | None = None  # None: every protocol of `dataset.PROTOCOLS`, in turn
 
 
 RENDERS = (Render("train", "train", 4.0, 0), Render("val", "val", 0.6, 101),
@@ -66,7 +69,8 @@ def prepare(root: Path, *, workers: int = 2, only: tuple[str, ...] = ()) -> list
         partial = root / f"{step.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         log.info("drawing %s from %s (%d cases, seed %d)", out, root / step.corpus, step.cases, step.seed)
-        build_evalset(root / step.corpus, partial, cases=step.cases, seed=step.seed)
+        build_evalset(root / step.corpus, partial, cases=step.cases, seed=step.seed, segment_s=step.segment_s,
+                      query_s=step.query_s, protocols=step.protocols)
         partial.rename(out)
         ran.append(step.name)
     return ran
