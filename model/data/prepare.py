@@ -1,6 +1,6 @@
 """Everything the separator trains and is measured on, in one resumable command (a new machine has no data/):
 
-    stemquery data prepare            # music21 cache, four renders, three eval sets (about 45 min on 2 cores)
+    stemquery data prepare            # music21 cache, four renders, three eval sets (about an hour on 2 cores)
 
 Each step is skipped when its output is complete (a render's index.json, written last; an eval set's folder,
 renamed into place when complete), so an interrupted run continues where it stopped (a render keeps its finished
