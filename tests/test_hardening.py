@@ -38,9 +38,13 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+#: Cursor moves a progress bar writes (tqdm stacks bars left open by earlier tests of the same process).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def one_line_error(result) -> str:
     assert result.exit_code != 0, result.output
-    message = result.output.strip().splitlines()[-1]
+    message = ANSI_ESCAPE.sub("", result.output).strip().splitlines()[-1].strip()
     assert message.startswith("Error: ") and "Traceback" not in result.output, result.output
     return message
 
