@@ -1,7 +1,7 @@
 """Speed and memory of every stemquery engine beside HTDemucs, in one run on one machine.
 
     python benchmarks/speed.py [--lengths 10 60 600] [--runs 3] [--threads 2] [--out docs/performance.json]
-                               [--systems ...] [--plot docs/performance.png]
+                               [--systems ...] [--plot docs/performance.png] [--weights CANDIDATE]
 
 Set-up: `pip install -e '.[bench]' && pip install --no-deps demucs==4.1.0`.
 
@@ -55,8 +55,9 @@ def test_signal(seconds: float, seed: int = 0):
     return np.stack([mono, 0.8 * mono]), np.stack([mono[: 4 * RATE]] * 2)
 
 
-def make_runner(system: str):
-    """A function mix → target for `system`, with everything loaded (the warm part)."""
+def make_runner(system: str, weights: Path | None = None):
+    """A function mix → target for `system`, with everything loaded (the warm part); `weights`: the bsmamba
+    systems' separator weights instead of the shipped ones (a candidate's: its speed before it ships)."""
     import torch
 
     if system == "htdemucs":
@@ -73,7 +74,7 @@ def make_runner(system: str):
     from stemquery.model import Separator
 
     if system.startswith("bsmamba"):
-        separator, note = bsmamba_separator(system)
+        separator, note = bsmamba_separator(system, weights)
     else:
         separator, note = Separator(system, device="cpu"), ""
 
@@ -83,8 +84,9 @@ def make_runner(system: str):
     return run, note
 
 
-def bsmamba_separator(system: str):
-    """The shipped weights where they exist; otherwise the shipped configs with random weights (same speed)."""
+def bsmamba_separator(system: str, weights: Path | None = None):
+    """`weights`, else the shipped weights where they exist, else the shipped configs with random weights (same
+    speed)."""
     import tempfile
 
     from stemquery.model import Separator
@@ -92,7 +94,10 @@ def bsmamba_separator(system: str):
     from stemquery.model.engines.bsmamba import BSMambaEngine, REFINER_NAME, save_weights, weights_paths
 
     options, notes = {}, []
-    if BSMambaEngine.unavailable_reason():
+    if weights:
+        options["weights"] = weights
+        notes.append(f"separator: {weights}")
+    elif BSMambaEngine.unavailable_reason():
         from stemquery.model.train import SeparatorTrainConfig
 
         path = Path(tempfile.mkdtemp()) / "random"
@@ -120,10 +125,10 @@ def bsmamba_separator(system: str):
     return Separator("bsmamba", device="cpu", **options), "; ".join(notes)
 
 
-def measure(system: str, seconds: float, runs: int) -> dict:
+def measure(system: str, seconds: float, runs: int, weights: Path | None = None) -> dict:
     """Runs inside the child process."""
     mix, query = test_signal(seconds)
-    run, note = make_runner(system)
+    run, note = make_runner(system, weights)
     run(*test_signal(2.0, seed=1))  # warm-up, not timed
     times = []
     for _ in range(runs):
@@ -140,7 +145,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(json.dumps(measure(args.child, args.length, args.runs)))
+    print(json.dumps(measure(args.child, args.length, args.runs, args.weights)))
 
 
 def main() -> None:
@@ -151,6 +156,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/performance.json"))
     parser.add_argument("--plot", type=Path, default=None, help="Save time and peak RSS against length (PNG).")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="Separator weights for the bsmamba systems (a candidate's), instead of the shipped.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,7 +169,8 @@ def main() -> None:
     for seconds in args.lengths:
         for system in args.systems:
             result = subprocess.run([sys.executable, __file__, "--child", system, "--length", str(seconds),
-                                     "--runs", str(args.runs), "--threads", str(args.threads)],
+                                     "--runs", str(args.runs), "--threads", str(args.threads),
+                                     *(["--weights", str(args.weights)] if args.weights else [])],
                                     capture_output=True, text=True, env=env)
             if result.returncode != 0:
                 print(f"{system} at {seconds:g} s failed:\n{result.stderr[-2000:]}", file=sys.stderr)

@@ -16,6 +16,10 @@ The query reaches the network by two paths:
   frame-level cross-attention to the enrolment's spectrogram features generalises out of domain where a pooled
   embedding does not (USEF-TSE, arXiv 2409.02615; arXiv 2410.16059 on a band-split RNN).
 
+With `nmf_prior_iterations`, a query-supervised NMF's share of each bin joins the input and the output is a
+learned blend of the network's mask and that share (`NMFPrior`): matching by decomposition beside matching by
+attention.
+
 The network works on spectrograms; the STFT and chunking live in the engine (`engines/bsmamba.py`).
 """
 from __future__ import annotations
@@ -50,6 +54,10 @@ class BSMambaConfig:
     conditioning: str = "hyperfilm"  # or "film"
     #: Heads of the matching path's cross-attention in every block (0: no matching path, as bsmamba-v2).
     match_heads: int = 0
+    #: Iterations of the query-NMF prior (0: none, as bsmamba-v2/v3). With it, the network also reads the share of
+    #: each bin that a query-supervised NMF gives the target (`NMFPrior`), and its output is a learned per
+    #: band-frame blend of its own mask and that share.
+    nmf_prior_iterations: int = 0
     #: Scan chunk (the weights do not depend on it): 32 is the fastest on CPU for training and inference alike
     #: (docs/performance.md).
     chunk: int = 32
@@ -147,6 +155,43 @@ class MatchAttention(nn.Module):
         return x + self.out(rearrange(found, "b k h t e -> b k t (h e)"))
 
 
+class NMFPrior(nn.Module):
+    """Where the network meets the classical engine. NMF with bases learned from the query does nothing but match,
+    and wins whenever the example is the same sound (a later passage, the clean target itself); the network
+    recognises what kind of sound is asked for and wins where NMF collapses (another song, another source). Their
+    errors are complementary: a plain average of the two estimates beat both on held-out sets (issue 16).
+
+    In: the NMF share of each bin (batch, bins, frames), 0 to 1, projected per band and added to the band-split
+    features (zero at the start). Out: mask = (1 − g)·network mask + g·share, with g per band and frame from the
+    last block's features; g starts at 0.5, the plain average, and learns where to trust which."""
+
+    def __init__(self, bands: list[tuple[int, int]], dim: int) -> None:
+        super().__init__()
+        self.bands = bands
+        self.inputs = nn.ModuleList(nn.Linear(stop - start, dim) for start, stop in bands)
+        for linear in self.inputs:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        self.gate_norm = nn.RMSNorm(dim)
+        self.gate_weight = nn.Parameter(torch.zeros(len(bands), dim))
+        self.gate_bias = nn.Parameter(torch.zeros(len(bands)))
+        self.register_buffer("band_of_bin", torch.cat([torch.full((stop - start,), index)
+                                                       for index, (start, stop) in enumerate(bands)]),
+                             persistent=False)
+
+    def features(self, share: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, bins, frames) → (batch, bands, frames, dim)."""
+        return torch.stack([linear(rearrange(share[:, start:stop], "b f t -> b t f").to(dtype))
+                            for (start, stop), linear in zip(self.bands, self.inputs)], dim=1)
+
+    def blend(self, mask: torch.Tensor, share: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Complex mask (b, c, f, t), share (b, f, t), features (b, k, t, d) → the blended complex mask."""
+        gate = torch.sigmoid(torch.einsum("bktd,kd->bkt", self.gate_norm(x).float(), self.gate_weight)
+                             + self.gate_bias[:, None])
+        gate = gate[:, self.band_of_bin][:, None]  # (b, 1, f, t)
+        return mask * (1 - gate) + share[:, None].float() * gate
+
+
 class QueryEncoder(nn.Module):
     """Query spectrogram(s) → one embedding (batch, query_dim).
 
@@ -214,6 +259,7 @@ class BSMamba(nn.Module):
         self.query_frame_mlp = nn.Sequential(nn.RMSNorm(config.dim), nn.Linear(config.dim, 2 * config.dim), nn.SiLU(),
                                              nn.Linear(2 * config.dim, config.dim)) if config.match_heads else None
         self.mask = MaskEstimator(self.bands, config.channels, config.dim)
+        self.prior = NMFPrior(self.bands, config.dim) if config.nmf_prior_iterations else None
 
     def embed_queries(self, query_specs: list[torch.Tensor]) -> QueryCondition:
         """Each (batch, channels, bins, frames) → one condition: embeddings and profiles averaged over the clips,
@@ -237,7 +283,7 @@ class BSMamba(nn.Module):
         """Per bin and frame, how far the clip's relative log power is above the query's long-term spectrum."""
         return (relative_log_power(spec) - profile[..., None])[:, None]  # (b, 1, f, t)
 
-    def forward(self, mix_spec: torch.Tensor, query: QueryCondition, *,
+    def forward(self, mix_spec: torch.Tensor, query: QueryCondition, *, prior: torch.Tensor | None = None,
                 parallel: SliceParallel | None = None,
                 progress: Callable[[float], None] | None = None) -> torch.Tensor:
         """Complex mix STFT (batch, channels, bins, frames) → complex target STFT, same shape.
@@ -245,11 +291,19 @@ class BSMamba(nn.Module):
         Each band's input holds, per bin, how far the mix's relative log power is above the query's long-term
         spectrum: a direct "does this look like the query" cue from the first layer on. With the query reaching the
         network only through FiLM, it stayed a constant ~0.85 × mix for 800 steps (docs/results.md).
+        `prior` (batch, bins, frames) is the query-NMF share of each bin, required with `nmf_prior_iterations`.
         `parallel` runs the per-band maps and the sequence layers slice by slice on worker threads (CPU inference:
         `model/parallel.py`); `progress(fraction)` is told after each block, so a long segment reports as it goes."""
+        if (prior is None) != (self.prior is None):
+            raise ValueError("this model takes an NMF prior" if prior is None else "this model takes no NMF prior")
         x = self.split(mix_spec, self.match_cue(mix_spec, query.profile), parallel)
+        if self.prior is not None:
+            x = x + self.prior.features(prior, x.dtype)
         for index, block in enumerate(self.blocks):
             x = block(x, query, parallel)
             if progress:
                 progress((index + 1) / (len(self.blocks) + 1))
-        return self.mask(x, parallel) * mix_spec
+        mask = self.mask(x, parallel)
+        if self.prior is not None:
+            mask = self.prior.blend(mask, prior, x)
+        return mask * mix_spec

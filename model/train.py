@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig
+from stemquery.model.engines.bsmamba import batch_prior, estimate_target, nmf_prior
 from stemquery.model.stft import STFT
 from stemquery.model.training_loop import RunConfig, TrainingRun
 
@@ -153,6 +154,7 @@ class SeparatorTrainer(TrainingRun):
             load_partial(model, config.init_weights)
         super().__init__(config, model, list(model.parameters()))
         self.stft = STFT(config.model.n_fft, config.model.hop)
+        self.nmf = nmf_prior(config.model)
         tracks = load_corpus(config.train_corpus, config.model.sample_rate)
         log.info("training corpus: %d tracks, %.1f stem-hours", len(tracks),
                  sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
@@ -167,12 +169,14 @@ class SeparatorTrainer(TrainingRun):
 
         triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
         mixture, target, query = stack_triples(triples)
+        mix_spec, query_spec = self.stft.forward(mixture), self.stft.forward(query)
+        prior = batch_prior(self.nmf, mix_spec, query_spec)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            condition = self.model.embed_queries([self.stft.forward(query)])
+            condition = self.model.embed_queries([query_spec])
             if self.config.query_embedding_dropout > 0:
                 keep = torch.rand(len(triples)) >= self.config.query_embedding_dropout
                 condition = condition._replace(embedding=condition.embedding * keep[:, None].to(condition.embedding))
-            estimate = self.model(self.stft.forward(mixture), condition)
+            estimate = self.model(mix_spec, condition, prior=prior)
         loss = separation_loss(estimate.to(torch.complex64), target, mixture, self.stft, self.config.level_loss)
         present = [i for i, t in enumerate(triples) if not t.info["absent"]]
         if self.config.query_contrastive > 0 and len(present) > 1:
@@ -213,15 +217,15 @@ class SeparatorTrainer(TrainingRun):
         from stemquery.model.evaluate import si_sdr, snr
 
         spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
-        condition = self.model.embed_queries([self.stft.forward(torch.from_numpy(query))[None]])
-        estimate = self.stft.inverse(self.model(spec, condition)[0], case.mixture.shape[1]).numpy()
+        estimate = estimate_target(self.model, self.nmf, spec, self.stft.forward(torch.from_numpy(query))[None])
+        estimate = self.stft.inverse(estimate[0], case.mixture.shape[1]).numpy()
         return (si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target),
                 snr(estimate, case.target) - snr(case.mixture, case.target))
 
 
 def load_partial(model: BSMamba, weights: Path) -> None:
-    """Load shipped weights into `model`, which may have parts the weights lack (the matching path, added since):
-    those keep their initialisation. Anything else that does not fit is an error."""
+    """Load shipped weights into `model`, which may have parts the weights lack (the matching path or the NMF prior,
+    added since): those keep their initialisation. Anything else that does not fit is an error."""
     from safetensors.torch import load_file
 
     try:
@@ -229,7 +233,8 @@ def load_partial(model: BSMamba, weights: Path) -> None:
     except RuntimeError as exc:  # shapes that differ
         raise ValueError(f"{weights}: weights do not fit this model ({str(exc).splitlines()[1].strip()})") from None
     unexpected = result.unexpected_keys
-    foreign = [k for k in result.missing_keys if ".match." not in k and not k.startswith("query_frame_mlp.")]
+    added = ("query_frame_mlp.", "prior.")
+    foreign = [k for k in result.missing_keys if ".match." not in k and not k.startswith(added)]
     if unexpected or foreign:
         raise ValueError(f"{weights}: weights do not fit this model (unexpected {unexpected[:3]}, missing "
                          f"{foreign[:3]})")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stemquery.model.engines.bsmamba import estimate_target
 from stemquery.model.parallel import SliceParallel
 from stemquery.model.refiner import LatentRefiner, RefinerConfig
 from stemquery.model.stft import STFT
@@ -159,7 +160,7 @@ class RefinerTrainer(TrainingRun):
 
     def __init__(self, config: RefinerTrainConfig) -> None:
         from stemquery.model.data.dataset import TripleSampler, load_corpus
-        from stemquery.model.engines.bsmamba import load_model
+        from stemquery.model.engines.bsmamba import load_model, nmf_prior
 
         torch.manual_seed(config.seed)
         vae = load_vae_checkpoint(config.vae_checkpoint).requires_grad_(False).eval()
@@ -178,6 +179,7 @@ class RefinerTrainer(TrainingRun):
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
         super().__init__(config, model, trainable)
         self.separator, self.stft, self.sampler = separator, stft, sampler
+        self.separator_nmf = nmf_prior(separator.config)
         # The frozen separator runs without autograd: on CPU its fast inference path applies (model/parallel.py).
         self.parallel = SliceParallel(config.threads) if config.threads > 1 else None
 
@@ -186,7 +188,7 @@ class RefinerTrainer(TrainingRun):
         with torch.no_grad():
             mix_spec = self.stft.forward(mixture)
             query_spec = self.stft.forward(query)
-            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
+            estimate = estimate_target(self.separator, self.separator_nmf, mix_spec, query_spec, self.parallel)
             z_target, z_mix, z_estimate = (self.model.encode(spec)
                                            for spec in (self.stft.forward(target), mix_spec, estimate))
             timbre = self.model.vae.timbre_embedding(query_spec)
@@ -216,7 +218,7 @@ class RefinerTrainer(TrainingRun):
             case = read_case(folder)
             mix_spec, query_spec, target_spec = (self.stft.forward(torch.from_numpy(audio))[None]
                                                  for audio in (case.mixture, case.query, case.target))
-            estimate = self.separator(mix_spec, self.separator.embed_queries([query_spec]), parallel=self.parallel)
+            estimate = estimate_target(self.separator, self.separator_nmf, mix_spec, query_spec, self.parallel)
             frames, z_estimate = estimate.shape[-1], refiner.encode(estimate)
             gains = {
                 "vae_roundtrip": refiner.band_gain_to(estimate, refiner.band_magnitude(z_estimate, frames)),

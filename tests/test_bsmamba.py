@@ -26,15 +26,16 @@ def test_bands_cover_every_bin_once():
     assert bands[0][1] - bands[0][0] < bands[-1][1] - bands[-1][0]  # narrow low, wide high
 
 
-@pytest.mark.parametrize("conditioning,match_heads", [("film", 0), ("hyperfilm", 0), ("hyperfilm", 2)])
+@pytest.mark.parametrize("conditioning,match_heads,prior", [("film", 0, 0), ("hyperfilm", 0, 0), ("hyperfilm", 2, 0),
+                                                            ("hyperfilm", 2, 5)])
 @pytest.mark.parametrize("samples", [RATE, 12345, 1000])
-def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, samples):
-    config = BSMambaConfig(**TINY, conditioning=conditioning, match_heads=match_heads)
+def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, prior, samples):
+    config = BSMambaConfig(**TINY, conditioning=conditioning, match_heads=match_heads, nmf_prior_iterations=prior)
     model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
     mix = stft.forward(torch.randn(2, 2, samples))
     queries = [stft.forward(torch.randn(2, 2, 7777)), stft.forward(torch.randn(2, 2, 5000))]
     condition = model.embed_queries(queries)
-    out = model(mix, condition)
+    out = model(mix, condition, prior=torch.rand(2, *mix.shape[2:]) if prior else None)
     assert out.shape == mix.shape and out.dtype == torch.complex64
     assert stft.inverse(out, samples).shape == (2, 2, samples)
     if match_heads:  # several queries are more frames for the matching path, not an average
@@ -61,6 +62,55 @@ def test_matching_path_starts_as_the_model_without_it(tmp_path):
     save_weights(BSMamba(BSMambaConfig(**{**TINY, "dim": 32})), tmp_path / "other")
     with pytest.raises(ValueError, match="do not fit"):
         load_partial(with_match, tmp_path / "other")
+
+
+def test_nmf_prior_starts_as_the_average_of_the_network_and_nmf(tmp_path):
+    """Weights without the NMF prior load into a model with it, which then gives the plain average of their
+    estimate and the prior's (its input starts at zero, its gate at 0.5); the prior is required, and the model
+    without one refuses it."""
+    from stemquery.model.train import load_partial
+
+    torch.manual_seed(0)
+    without = BSMamba(BSMambaConfig(**TINY))
+    save_weights(without, tmp_path / "old")
+    with_prior = BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5))
+    load_partial(with_prior, tmp_path / "old")
+    stft = STFT(without.config.n_fft, without.config.hop)
+    mix, query = stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
+    share = torch.rand(1, mix.shape[2], mix.shape[3])
+    with torch.no_grad():
+        network = without(mix, without.embed_queries([query]))
+        torch.testing.assert_close(with_prior(mix, with_prior.embed_queries([query]), prior=share),
+                                   0.5 * network + 0.5 * share[:, None] * mix)
+        with pytest.raises(ValueError, match="takes an NMF prior"):
+            with_prior(mix, with_prior.embed_queries([query]))
+        with pytest.raises(ValueError, match="takes no NMF prior"):
+            without(mix, without.embed_queries([query]), prior=share)
+
+
+def test_nmf_prior_gate_learns_to_trust_a_good_prior(two_sources):
+    """Given a prior that is right (the target's ideal ratio mask), training opens the gate towards it: the
+    output beats the starting average by more than 3 dB."""
+    torch.manual_seed(0)
+    mix, target, query = (torch.from_numpy(np.repeat(x[:, :RATE], 2, axis=0))[None] for x in two_sources)
+    config = BSMambaConfig(**TINY, nmf_prior_iterations=5)
+    model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
+    mix_spec, query_spec = stft.forward(mix), stft.forward(query)
+    ideal = (stft.forward(target).abs() / (mix_spec.abs() + 1e-8)).clamp(max=1).mean(dim=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def gain() -> float:
+        with torch.no_grad():
+            estimate = stft.inverse(model(mix_spec, model.embed_queries([query_spec]), prior=ideal), RATE)
+        return si_sdr(estimate[0].numpy(), target[0].numpy()) - si_sdr(mix[0].numpy(), target[0].numpy())
+
+    start = gain()
+    for _ in range(40):
+        loss = separation_loss(model(mix_spec, model.embed_queries([query_spec]), prior=ideal), target, mix, stft)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert gain() > start + 3.0, (start, gain())
 
 
 def test_query_condition_tells_timbres_apart_and_ignores_gain():
@@ -208,6 +258,23 @@ def test_engine_through_api_keeps_shape_and_sums(tiny_weights, two_sources):
         stems = separator.separate(audio, RATE, [query])
         assert stems.target.shape == audio.shape
         np.testing.assert_allclose(stems.target + stems.residual, audio, atol=1e-6)
+
+
+def test_engine_with_nmf_prior_one_and_several_stems(tmp_path, monkeypatch, two_sources):
+    """A model with the NMF prior through the API: the prior's bases come with the query, the stems and the
+    residual sum to the mix, and the same request gives the same sound twice."""
+    torch.manual_seed(0)
+    save_weights(BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5)), tmp_path / engine_module.WEIGHTS_NAME)
+    monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
+    mix, _, query = two_sources
+    mix = mix[:, :30001]
+    separator = Separator("bsmamba", device="cpu")
+    one = separator.separate(mix, RATE, [query])
+    np.testing.assert_allclose(one.target + one.residual, mix, atol=1e-6)
+    np.testing.assert_array_equal(separator.separate(mix, RATE, [query]).target, one.target)
+    stems = separator.separate_stems(mix, RATE, {"low": [query], "high": [query[:, ::-1].copy()]})
+    np.testing.assert_allclose(stems["low"] + stems["high"] + stems["residual"], mix, atol=1e-5)
+    assert not np.allclose(stems["low"], stems["high"])
 
 
 def test_engine_reports_progress_within_a_segment(tmp_path, monkeypatch, two_sources):

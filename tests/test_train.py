@@ -94,25 +94,31 @@ def test_train_checkpoint_resume_export(tmp_path):
     assert again.step == 7
 
 
-def test_matching_path_fine_tunes_from_weights_without_it(tmp_path):
-    """`init_weights`: the shipped model without a matching path starts the run; the new path's parameters are the
-    only ones it did not bring, and the run trains (the design step from bsmamba-v2 to v3)."""
+@pytest.mark.parametrize("added", [dict(match_heads=2), dict(match_heads=2, nmf_prior_iterations=3)])
+def test_new_paths_fine_tune_from_weights_without_them(tmp_path, added):
+    """`init_weights`: the shipped model without a matching path (or NMF prior) starts the run; the new paths'
+    parameters are the only ones it did not bring, and the run trains and validates (the design steps from
+    bsmamba-v2 to v3 and v4)."""
     corpus = make_corpus(tmp_path / "corpus")
+    build_evalset(corpus, tmp_path / "val", cases=2, seed=0, segment_s=2.0, query_s=1.0, protocols=("same_stem",))
     old = SeparatorTrainer(SeparatorTrainConfig(run_dir=tmp_path / "old", train_corpus=corpus, val_set=tmp_path / "none",
                                                 model=BSMambaConfig(**TINY_SEPARATOR)))
     from stemquery.model.engines.bsmamba import save_weights
 
     save_weights(old.model, tmp_path / "v2")
-    config = SeparatorTrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "none",
+    config = SeparatorTrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "val",
                                   batch=2, segment_s=1.0, query_s=1.0, max_steps=2, log_every=1, warmup_steps=2,
+                                  validate_every=2, val_cases=2, val_self_cases=1,
                                   init_weights=tmp_path / "v2", query_embedding_dropout=0.5,
                                   protocols=("same_stem", "overlap", "cross_source"), family_negative_p=0.5,
-                                  dominant_p=0.5, model=BSMambaConfig(**TINY_SEPARATOR, match_heads=2))
+                                  dominant_p=0.5, model=BSMambaConfig(**TINY_SEPARATOR, **added))
     trainer = SeparatorTrainer(config)
     for key, value in old.model.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[key], value)
     trainer.run()
     assert trainer.step == 2
+    validation = trainer.curve[-1]
+    assert validation["step"] == 2 and np.isfinite(validation["si_sdr_i"]) and np.isfinite(validation["si_sdr_i_self"])
 
 
 def test_query_contrastive_loss_rewards_matching_and_spares_same_instrument():

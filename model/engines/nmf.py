@@ -59,6 +59,12 @@ def pitch_shifted(magnitude: torch.Tensor, semitones: int) -> torch.Tensor:
     return magnitude[low] * (1 - frac) + magnitude[high] * frac
 
 
+def channel_magnitude(spec: torch.Tensor) -> torch.Tensor:
+    """Complex STFT (..., channels, bins, frames) → (..., bins, frames): channels share one decomposition, and the
+    root-mean-square magnitude keeps stereo energy."""
+    return spec.abs().pow(2).mean(dim=-3).sqrt()
+
+
 def kl_nmf(
     v: torch.Tensor,
     w: torch.Tensor,
@@ -84,16 +90,14 @@ def kl_nmf(
     return w, h
 
 
-@register_engine
-class NMFEngine(Engine):
-    name = "nmf"
-    description = "query-supervised KL-NMF with a Wiener mask (classical baseline, no training)"
-    segment_seconds = 30.0
+class QueryNMF:
+    """The decomposition itself, on magnitude spectrograms (bins, frames): bases learned from query clips, then a
+    mix decomposed with them held fixed. The `nmf` engine wraps it with its STFT; the separator's NMF prior
+    (`BSMambaConfig.nmf_prior_iterations`) runs it on the network's own STFT."""
 
-    def __init__(self, *, device: torch.device, config: NMFConfig | None = None) -> None:
-        super().__init__(device=device)
-        self.config = config or NMFConfig()
-        self.stft = STFT(self.config.n_fft, self.config.hop)
+    def __init__(self, config: NMFConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.config.seed)
@@ -101,13 +105,9 @@ class NMFEngine(Engine):
     def _random(self, *shape: int, generator: torch.Generator) -> torch.Tensor:
         return (torch.rand(*shape, generator=generator) + 0.1).to(self.device)
 
-    def _magnitude(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.stft.forward(audio.to(self.device))
-        # Channels share one decomposition: the root-mean-square magnitude keeps stereo energy.
-        return spec, spec.abs().pow(2).mean(dim=0).sqrt()
-
-    def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> torch.Tensor:
-        magnitude = torch.cat([self._magnitude(clip)[1] for clip in clips], dim=1)
+    def bases(self, magnitudes: list[torch.Tensor], progress: StepProgress = no_progress) -> torch.Tensor:
+        """`query_rank` bases (bins, rank) learned from the clips' magnitudes and their pitch-shifted copies."""
+        magnitude = torch.cat(magnitudes, dim=1).float()
         magnitude = torch.cat([pitch_shifted(magnitude, k) for k in self.config.query_shifts], dim=1)
         stride = -(-magnitude.shape[1] // self.config.max_query_frames)
         magnitude = magnitude[:, ::stride]
@@ -117,10 +117,11 @@ class NMFEngine(Engine):
         w, _ = kl_nmf(magnitude, w, h, iterations=self.config.query_iterations, progress=progress)
         return w
 
-    def _decompose(self, magnitude: torch.Tensor, bases: list[torch.Tensor],
-                   progress: StepProgress) -> list[torch.Tensor]:
+    def decompose(self, magnitude: torch.Tensor, bases: list[torch.Tensor],
+                  progress: StepProgress = no_progress) -> list[torch.Tensor]:
         """The mix magnitude decomposed with every query's bases held fixed plus the free bases; returns each
         query's reconstruction raised to `mask_power`, then the free bases' (everything else) last."""
+        magnitude = magnitude.float()
         gen = self._generator()
         free = _normalise_columns(self._random(magnitude.shape[0], self.config.free_rank, generator=gen))
         w = torch.cat([*bases, free], dim=1)
@@ -130,11 +131,36 @@ class NMFEngine(Engine):
         edges = [0, *itertools.accumulate(b.shape[1] for b in bases), w.shape[1]]
         return [(w[:, a:b] @ h[a:b]).pow(self.config.mask_power) for a, b in zip(edges, edges[1:])]
 
+    def target_share(self, magnitude: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+        """The Wiener share (bins, frames), 0 to 1, of the mix that the query's bases explain."""
+        target, rest = self.decompose(magnitude, [bases])
+        return target / (target + rest + EPS)
+
+
+@register_engine
+class NMFEngine(Engine):
+    name = "nmf"
+    description = "query-supervised KL-NMF with a Wiener mask (classical baseline, no training)"
+    segment_seconds = 30.0
+
+    def __init__(self, *, device: torch.device, config: NMFConfig | None = None) -> None:
+        super().__init__(device=device)
+        self.config = config or NMFConfig()
+        self.nmf = QueryNMF(self.config, device)
+        self.stft = STFT(self.config.n_fft, self.config.hop)
+
+    def _magnitude(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.stft.forward(audio.to(self.device))
+        return spec, channel_magnitude(spec)
+
+    def encode_query(self, clips: list[torch.Tensor], progress: StepProgress = no_progress) -> torch.Tensor:
+        return self.nmf.bases([self._magnitude(clip)[1] for clip in clips], progress)
+
     def separate_segment(
         self, mix: torch.Tensor, query: torch.Tensor, progress: StepProgress = no_progress
     ) -> torch.Tensor:
         spec, magnitude = self._magnitude(mix)
-        target, rest = self._decompose(magnitude, [query], progress)
+        target, rest = self.nmf.decompose(magnitude, [query], progress)
         mask = target / (target + rest + EPS)
         return self.stft.inverse(spec * mask, mix.shape[-1]).to(mix.device)
 
@@ -143,7 +169,7 @@ class NMFEngine(Engine):
         """One joint decomposition with every stem's bases: the Wiener masks of the stems and the rest are shares
         of the mix that sum to 1 by construction."""
         spec, magnitude = self._magnitude(mix)
-        *stems, rest = self._decompose(magnitude, list(queries), progress)
+        *stems, rest = self.nmf.decompose(magnitude, list(queries), progress)
         total = torch.stack(stems).sum(dim=0) + rest + EPS
         return self.stft.inverse(spec * torch.stack([stem / total for stem in stems])[:, None],
                                  mix.shape[-1]).to(mix.device)
