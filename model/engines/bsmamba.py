@@ -49,8 +49,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> BSMamba:
 
 def nmf_prior(config: BSMambaConfig, device: torch.device | str = "cpu") -> QueryNMF | None:
     """The query-NMF that feeds a model with `nmf_prior_iterations` (None without): on the network's own STFT,
-    fewer iterations and pitch shifts than the `nmf` engine (on val_unseen about 1 s a 10 s case on one core,
-    within 0.6 dB of it on 9 of 12 cases)."""
+    fewer iterations and pitch shifts than the `nmf` engine (with 30 iterations, on 12 val_unseen cases: about
+    0.6 s a 10 s case on one core, mean SI-SDRi +0.18 dB against the engine's +0.59; docs/results.md, session 8)."""
     if not config.nmf_prior_iterations:
         return None
     return QueryNMF(NMFConfig(n_fft=config.n_fft, hop=config.hop, query_iterations=config.nmf_prior_iterations,
