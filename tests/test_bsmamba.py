@@ -44,18 +44,26 @@ def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, pri
         assert condition.frames is None
 
 
-def test_matching_path_starts_as_the_model_without_it(tmp_path):
-    """Shipped weights without a matching path load into a model with one (`load_partial`) and give the same
-    output: the path's output projection starts at zero, so fine-tuning starts from the shipped model."""
+def upgraded_from_shipped(tmp_path, **added):
+    """(model without `added`, saved and loaded by `load_partial` into a model with them, a mix STFT, a query
+    STFT): a new path fine-tuned from shipped weights."""
     from stemquery.model.train import load_partial
 
     torch.manual_seed(0)
     without = BSMamba(BSMambaConfig(**TINY))
     save_weights(without, tmp_path / "old")
-    with_match = BSMamba(BSMambaConfig(**TINY, match_heads=2))
-    load_partial(with_match, tmp_path / "old")
+    upgraded = BSMamba(BSMambaConfig(**TINY, **added))
+    load_partial(upgraded, tmp_path / "old")
     stft = STFT(without.config.n_fft, without.config.hop)
-    mix, query = stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
+    return without, upgraded, stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
+
+
+def test_matching_path_starts_as_the_model_without_it(tmp_path):
+    """Shipped weights without a matching path load into a model with one (`load_partial`) and give the same
+    output: the path's output projection starts at zero, so fine-tuning starts from the shipped model."""
+    from stemquery.model.train import load_partial
+
+    without, with_match, mix, query = upgraded_from_shipped(tmp_path, match_heads=2)
     with torch.no_grad():
         torch.testing.assert_close(with_match(mix, with_match.embed_queries([query])),
                                    without(mix, without.embed_queries([query])))
@@ -68,15 +76,7 @@ def test_nmf_prior_starts_as_the_average_of_the_network_and_nmf(tmp_path):
     """Weights without the NMF prior load into a model with it, which then gives the plain average of their
     estimate and the prior's (its input starts at zero, its gate at 0.5); the prior is required, and the model
     without one refuses it."""
-    from stemquery.model.train import load_partial
-
-    torch.manual_seed(0)
-    without = BSMamba(BSMambaConfig(**TINY))
-    save_weights(without, tmp_path / "old")
-    with_prior = BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5))
-    load_partial(with_prior, tmp_path / "old")
-    stft = STFT(without.config.n_fft, without.config.hop)
-    mix, query = stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
+    without, with_prior, mix, query = upgraded_from_shipped(tmp_path, nmf_prior_iterations=5)
     share = torch.rand(1, mix.shape[2], mix.shape[3])
     with torch.no_grad():
         network = without(mix, without.embed_queries([query]))
