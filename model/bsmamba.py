@@ -58,6 +58,9 @@ class BSMambaConfig:
     #: each bin that a query-supervised NMF gives the target (`NMFPrior`), and its output is a learned per
     #: band-frame blend of its own mask and that share.
     nmf_prior_iterations: int = 0
+    #: With the prior: the gate also reads, per band and case, how the network's mask and the NMF share compare
+    #: (`NMFPrior.agreement`; bsmamba-v4 has no such input).
+    nmf_prior_confidence: bool = False
     #: Scan chunk (the weights do not depend on it): 32 is the fastest on CPU for training and inference alike
     #: (docs/performance.md).
     chunk: int = 32
@@ -107,6 +110,10 @@ class HyperFiLM(nn.Module):
 
 
 CONDITIONING = {"film": FiLM, "hyperfilm": HyperFiLM}
+
+#: What `NMFPrior.agreement` measures, per band and over the whole spectrum: the network mask's mean, the share's
+#: mean, their correlation.
+AGREEMENT_STATISTICS = 3
 
 
 def relative_log_power(spec: torch.Tensor) -> torch.Tensor:
@@ -163,9 +170,15 @@ class NMFPrior(nn.Module):
 
     In: the NMF share of each bin (batch, bins, frames), 0 to 1, projected per band and added to the band-split
     features (zero at the start). Out: mask = (1 − g)·network mask + g·share, with g per band and frame from the
-    last block's features; g starts at 0.5, the plain average, and learns where to trust which."""
+    last block's features and (with `confidence`) per band and case from how the two masks compare (`agreement`);
+    g starts at 0.5, the plain average, and learns where to trust which.
 
-    def __init__(self, bands: list[tuple[int, int]], dim: int) -> None:
+    Why the comparison: whether the NMF is right is a property of the whole case (was the query this very sound?),
+    and the features alone did not tell it. bsmamba-v4's gate stayed near 0.45 on val_unseen cases where the
+    prior alone was 7 dB better than the network and on cases where it was 15 dB worse; the fraction of the mix
+    each mask claims, and their correlation, did track which was right (docs/results.md, session 9)."""
+
+    def __init__(self, bands: list[tuple[int, int]], dim: int, *, confidence: bool = False) -> None:
         super().__init__()
         self.bands = bands
         self.inputs = nn.ModuleList(nn.Linear(stop - start, dim) for start, stop in bands)
@@ -175,6 +188,12 @@ class NMFPrior(nn.Module):
         self.gate_norm = nn.RMSNorm(dim)
         self.gate_weight = nn.Parameter(torch.zeros(len(bands), dim))
         self.gate_bias = nn.Parameter(torch.zeros(len(bands)))
+        self.confidence = None
+        if confidence:
+            self.band_embedding = nn.Parameter(torch.randn(len(bands), 8) / 8 ** 0.5)
+            self.confidence = nn.Sequential(nn.Linear(2 * AGREEMENT_STATISTICS + 8, 32), nn.SiLU(), nn.Linear(32, 1))
+            nn.init.zeros_(self.confidence[-1].weight)
+            nn.init.zeros_(self.confidence[-1].bias)
         self.register_buffer("band_of_bin", torch.cat([torch.full((stop - start,), index)
                                                        for index, (start, stop) in enumerate(bands)]),
                              persistent=False)
@@ -184,12 +203,47 @@ class NMFPrior(nn.Module):
         return torch.stack([linear(rearrange(share[:, start:stop], "b f t -> b t f").to(dtype))
                             for (start, stop), linear in zip(self.bands, self.inputs)], dim=1)
 
-    def blend(self, mask: torch.Tensor, share: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Complex mask (b, c, f, t), share (b, f, t), features (b, k, t, d) → the blended complex mask."""
-        gate = torch.sigmoid(torch.einsum("bktd,kd->bkt", self.gate_norm(x).float(), self.gate_weight)
-                             + self.gate_bias[:, None])
-        gate = gate[:, self.band_of_bin][:, None]  # (b, 1, f, t)
+    def blend(self, mask: torch.Tensor, share: torch.Tensor, x: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+        """Complex mask (b, c, f, t), share (b, f, t), features (b, k, t, d), the mix's power (b, f, t) → the
+        blended complex mask."""
+        gate = self.gate(mask, share, x, power)[:, self.band_of_bin][:, None]  # (b, 1, f, t)
         return mask * (1 - gate) + share[:, None].float() * gate
+
+    def gate(self, mask: torch.Tensor, share: torch.Tensor, x: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+        """The share's weight g in the blend, per band and frame (b, k, t)."""
+        logit = torch.einsum("bktd,kd->bkt", self.gate_norm(x).float(), self.gate_weight) + self.gate_bias[:, None]
+        if self.confidence is not None:
+            with torch.autocast(power.device.type, enabled=False):  # means and correlations over many bins: fp32
+                statistics = self.agreement(mask.detach().abs().float().mean(dim=1).clamp(max=1.0), share.float(),
+                                            power.float())
+            logit = logit + self.confidence(torch.cat([statistics, self.band_embedding.expand(len(x), -1, -1)],
+                                                      dim=-1)).float()
+        return torch.sigmoid(logit)
+
+    @torch.no_grad()
+    def agreement(self, network: torch.Tensor, share: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+        """How the network's mask and the NMF share compare, weighted by the mix's power, per band and over all
+        bins: each one's mean (the fraction of the mix it claims) and their correlation. (b, f, t) each →
+        (b, bands, 2 · AGREEMENT_STATISTICS)."""
+        one_hot = F.one_hot(self.band_of_bin, len(self.bands)).to(power.dtype)  # (f, k)
+        weight = power.float() + 1e-12
+        per_band = torch.einsum("bft,fk->bkt", weight, one_hot).sum(-1)  # (b, k)
+
+        def mean(values, over_bands=True):
+            if over_bands:
+                return torch.einsum("bft,fk->bk", values * weight, one_hot) / per_band
+            return (values * weight).sum(dim=(1, 2))[:, None] / weight.sum(dim=(1, 2))[:, None]
+
+        rows = []
+        for over_bands in (True, False):
+            mean_net, mean_share = mean(network, over_bands), mean(share, over_bands)
+            expand = (lambda m: m[:, self.band_of_bin, None]) if over_bands else (lambda m: m[:, :, None])
+            dn, ds = network - expand(mean_net), share - expand(mean_share)
+            covariance = mean(dn * ds, over_bands)
+            correlation = covariance / (mean(dn * dn, over_bands) * mean(ds * ds, over_bands) + 1e-8).sqrt()
+            rows += [mean_net, mean_share, correlation]
+        rows = [row.expand(-1, len(self.bands)) for row in rows]
+        return torch.stack(rows, dim=-1)
 
 
 class QueryEncoder(nn.Module):
@@ -259,7 +313,8 @@ class BSMamba(nn.Module):
         self.query_frame_mlp = nn.Sequential(nn.RMSNorm(config.dim), nn.Linear(config.dim, 2 * config.dim), nn.SiLU(),
                                              nn.Linear(2 * config.dim, config.dim)) if config.match_heads else None
         self.mask = MaskEstimator(self.bands, config.channels, config.dim)
-        self.prior = NMFPrior(self.bands, config.dim) if config.nmf_prior_iterations else None
+        self.prior = NMFPrior(self.bands, config.dim, confidence=config.nmf_prior_confidence) \
+            if config.nmf_prior_iterations else None
 
     def embed_queries(self, query_specs: list[torch.Tensor]) -> QueryCondition:
         """Each (batch, channels, bins, frames) → one condition: embeddings and profiles averaged over the clips,
@@ -305,5 +360,5 @@ class BSMamba(nn.Module):
                 progress((index + 1) / (len(self.blocks) + 1))
         mask = self.mask(x, parallel)
         if self.prior is not None:
-            mask = self.prior.blend(mask, prior, x)
+            mask = self.prior.blend(mask, prior, x, mix_spec.abs().pow(2).mean(dim=1))
         return mask * mix_spec

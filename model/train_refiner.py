@@ -49,7 +49,7 @@ class RefinerTrainConfig(RunConfig):
     val_set: Path = Path("data/eval_val")
     #: The frozen parts: the VAE's checkpoint and the separator's shipped weights (path without suffix).
     vae_checkpoint: Path = Path("runs/vae/last.pt")
-    separator_weights: Path = Path("model/weights/bsmamba-v2")
+    separator_weights: Path = Path("model/weights/bsmamba-v5")
     segment_s: float = 3.0
     query_s: float = 3.0
     val_cases: int = 12

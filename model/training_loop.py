@@ -79,12 +79,16 @@ class TrainingRun:
     best_metric: str = ""
     higher_is_better: bool = True
 
-    def __init__(self, config: RunConfig, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
+    def __init__(self, config: RunConfig, model: torch.nn.Module, trainable: list[torch.nn.Parameter],
+                 lr_scales: dict[str, float] | None = None) -> None:
+        """`lr_scales`: a learning-rate multiplier for the trainable parameters whose names (in `model`) start with
+        a key; the rest train at the schedule's rate."""
         self.config = config
         self.model = model
         self.trainable = trainable
         # fused: one kernel for all the (many, small, per-band) parameter tensors instead of a loop over them
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self._param_groups(trainable, lr_scales or {}), lr=config.lr,
+                                           weight_decay=config.weight_decay, fused=True)
         self.step = 0
         self.curve: list[dict] = []
         self.best: float | None = None
@@ -94,6 +98,13 @@ class TrainingRun:
         #: A loss's parts, logged as their means beside the loss (a subclass appends to them in `loss`).
         self.terms: dict[str, list[float]] = {}
         config.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _param_groups(self, trainable: list[torch.nn.Parameter], lr_scales: dict[str, float]) -> list[dict]:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        scale_of = {id(p): next((v for k, v in lr_scales.items() if names.get(id(p), "").startswith(k)), 1.0)
+                    for p in trainable}
+        return [{"params": [p for p in trainable if scale_of[id(p)] == scale], "lr_scale": scale}
+                for scale in sorted(set(scale_of.values()))]
 
     def loss(self) -> torch.Tensor:
         raise NotImplementedError
@@ -170,7 +181,7 @@ class TrainingRun:
 
     def train_step(self) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate()
+            group["lr"] = self.learning_rate() * group.get("lr_scale", 1.0)
         loss = self.loss()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

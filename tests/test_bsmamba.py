@@ -26,11 +26,13 @@ def test_bands_cover_every_bin_once():
     assert bands[0][1] - bands[0][0] < bands[-1][1] - bands[-1][0]  # narrow low, wide high
 
 
-@pytest.mark.parametrize("conditioning,match_heads,prior", [("film", 0, 0), ("hyperfilm", 0, 0), ("hyperfilm", 2, 0),
-                                                            ("hyperfilm", 2, 5)])
+@pytest.mark.parametrize("conditioning,match_heads,prior,confidence", [
+    ("film", 0, 0, False), ("hyperfilm", 0, 0, False), ("hyperfilm", 2, 0, False), ("hyperfilm", 2, 5, False),
+    ("hyperfilm", 2, 5, True)])
 @pytest.mark.parametrize("samples", [RATE, 12345, 1000])
-def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, prior, samples):
-    config = BSMambaConfig(**TINY, conditioning=conditioning, match_heads=match_heads, nmf_prior_iterations=prior)
+def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, prior, confidence, samples):
+    config = BSMambaConfig(**TINY, conditioning=conditioning, match_heads=match_heads, nmf_prior_iterations=prior,
+                           nmf_prior_confidence=confidence)
     model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
     mix = stft.forward(torch.randn(2, 2, samples))
     queries = [stft.forward(torch.randn(2, 2, 7777)), stft.forward(torch.randn(2, 2, 5000))]
@@ -72,11 +74,13 @@ def test_matching_path_starts_as_the_model_without_it(tmp_path):
         load_partial(with_match, tmp_path / "other")
 
 
-def test_nmf_prior_starts_as_the_average_of_the_network_and_nmf(tmp_path):
+@pytest.mark.parametrize("confidence", [False, True])
+def test_nmf_prior_starts_as_the_average_of_the_network_and_nmf(tmp_path, confidence):
     """Weights without the NMF prior load into a model with it, which then gives the plain average of their
-    estimate and the prior's (its input starts at zero, its gate at 0.5); the prior is required, and the model
-    without one refuses it."""
-    without, with_prior, mix, query = upgraded_from_shipped(tmp_path, nmf_prior_iterations=5)
+    estimate and the prior's (its input starts at zero, its gate at 0.5, with or without the confidence); the
+    prior is required, and the model without one refuses it."""
+    without, with_prior, mix, query = upgraded_from_shipped(tmp_path, nmf_prior_iterations=5,
+                                                            nmf_prior_confidence=confidence)
     share = torch.rand(1, mix.shape[2], mix.shape[3])
     with torch.no_grad():
         network = without(mix, without.embed_queries([query]))
@@ -111,6 +115,41 @@ def test_nmf_prior_gate_learns_to_trust_a_good_prior(two_sources):
         loss.backward()
         optimizer.step()
     assert gain() > start + 3.0, (start, gain())
+
+
+def test_nmf_prior_confidence_tells_a_right_prior_from_a_wrong_one(two_sources):
+    """Per case, from how the NMF share and the network's mask compare: one mix, one query, one network, and two
+    priors, the target's ideal mask (right) and a faint copy of the other source's (the query's bases explained
+    next to nothing, and the wrong thing). With only the confidence trained, the gate opens fully for the right one
+    and stays well under it for the wrong one. The per-frame gate alone cannot: it reads the same features in both
+    cases but for the prior's projection, which starts at zero."""
+    torch.manual_seed(0)
+    mix, target, query = (torch.from_numpy(np.repeat(x[:, :RATE], 2, axis=0))[None] for x in two_sources)
+    config = BSMambaConfig(**TINY, nmf_prior_iterations=5, nmf_prior_confidence=True)
+    model, stft = BSMamba(config), STFT(config.n_fft, config.hop)
+    mix_spec, query_spec = stft.forward(mix).expand(2, -1, -1, -1), stft.forward(query).expand(2, -1, -1, -1)
+    ideal = (stft.forward(target).abs() / (mix_spec[:1].abs() + 1e-8)).clamp(max=1).mean(dim=1)
+    priors = torch.cat([ideal, 0.05 * (1 - ideal)])
+    gates = []
+    gate = model.prior.gate
+
+    def recording_gate(*args):
+        gates.append(gate(*args))
+        return gates[-1]
+
+    model.prior.gate = recording_gate
+    optimizer = torch.optim.Adam([*model.prior.confidence.parameters(), model.prior.band_embedding], lr=1e-2)
+    for _ in range(120):
+        loss = separation_loss(model(mix_spec, model.embed_queries([query_spec]), prior=priors),
+                               target.expand(2, -1, -1), mix.expand(2, -1, -1), stft)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gates.clear()
+    with torch.no_grad():
+        model(mix_spec, model.embed_queries([query_spec]), prior=priors)
+    right, wrong = gates[0].mean(dim=(1, 2)).tolist()
+    assert right > 0.95 and wrong < right - 0.2, (right, wrong)
 
 
 def test_query_condition_tells_timbres_apart_and_ignores_gain():
@@ -264,7 +303,8 @@ def test_engine_with_nmf_prior_one_and_several_stems(tmp_path, monkeypatch, two_
     """A model with the NMF prior through the API: the prior's bases come with the query, the stems and the
     residual sum to the mix, and the same request gives the same sound twice."""
     torch.manual_seed(0)
-    save_weights(BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5)), tmp_path / engine_module.WEIGHTS_NAME)
+    save_weights(BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5, nmf_prior_confidence=True)),
+                 tmp_path / engine_module.WEIGHTS_NAME)
     monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
     mix, _, query = two_sources
     mix = mix[:, :30001]

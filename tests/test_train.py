@@ -94,11 +94,12 @@ def test_train_checkpoint_resume_export(tmp_path):
     assert again.step == 7
 
 
-@pytest.mark.parametrize("added", [dict(match_heads=2), dict(match_heads=2, nmf_prior_iterations=3)])
+@pytest.mark.parametrize("added", [dict(match_heads=2),
+                                   dict(match_heads=2, nmf_prior_iterations=3, nmf_prior_confidence=True)])
 def test_new_paths_fine_tune_from_weights_without_them(tmp_path, added):
     """`init_weights`: the shipped model without a matching path (or NMF prior) starts the run; the new paths'
     parameters are the only ones it did not bring, and the run trains and validates (the design steps from
-    bsmamba-v2 to v3 and v4)."""
+    bsmamba-v2 to v3 and v4). The prior's own parameters, and only they, train at `prior_lr_scale` × the rate."""
     corpus = make_corpus(tmp_path / "corpus")
     build_evalset(corpus, tmp_path / "val", cases=2, seed=0, segment_s=2.0, query_s=1.0, protocols=("same_stem",))
     old = SeparatorTrainer(SeparatorTrainConfig(run_dir=tmp_path / "old", train_corpus=corpus, val_set=tmp_path / "none",
@@ -111,7 +112,8 @@ def test_new_paths_fine_tune_from_weights_without_them(tmp_path, added):
                                   validate_every=2, val_cases=2, val_self_cases=1,
                                   init_weights=tmp_path / "v2", query_embedding_dropout=0.5,
                                   protocols=("same_stem", "overlap", "cross_source"), family_negative_p=0.5,
-                                  dominant_p=0.5, model=BSMambaConfig(**TINY_SEPARATOR, **added))
+                                  dominant_p=0.5, prior_lr_scale=10.0,
+                                  model=BSMambaConfig(**TINY_SEPARATOR, **added))
     trainer = SeparatorTrainer(config)
     for key, value in old.model.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[key], value)
@@ -119,6 +121,12 @@ def test_new_paths_fine_tune_from_weights_without_them(tmp_path, added):
     assert trainer.step == 2
     validation = trainer.curve[-1]
     assert validation["step"] == 2 and np.isfinite(validation["si_sdr_i"]) and np.isfinite(validation["si_sdr_i_self"])
+    groups = {group["lr_scale"]: group for group in trainer.optimizer.param_groups}
+    scaled = {id(p) for p in trainer.model.prior.parameters()} if trainer.model.prior is not None else set()
+    assert {id(p) for p in groups.get(10.0, {"params": []})["params"]} == scaled
+    assert len(groups[1.0]["params"]) + len(scaled) == len(list(trainer.model.parameters()))
+    if scaled:
+        assert groups[10.0]["lr"] == pytest.approx(10 * groups[1.0]["lr"]) and groups[1.0]["lr"] > 0
 
 
 def test_query_contrastive_loss_rewards_matching_and_spares_same_instrument():

@@ -19,7 +19,7 @@ from stemquery.model.stft import STFT
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-WEIGHTS_NAME = "bsmamba-v2"
+WEIGHTS_NAME = "bsmamba-v5"
 REFINER_NAME = "refiner-v1"
 
 
