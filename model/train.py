@@ -61,8 +61,8 @@ class SeparatorTrainConfig(RunConfig):
     query_contrastive: float = 0.0
     contrastive_temperature: float = 0.1
     #: Learning-rate multiplier of the NMF prior's own parameters (its input projections and gate). At the
-    #: network's rate, bsmamba-v4's gate stayed within 0.45-0.52 on 80 % of band-frames after 400 steps: a plain
-    #: average, not the learned confidence it is meant to be (docs/results.md, session 9).
+    #: network's rate, bsmamba-v4's gate stayed within 0.45-0.52 on 80 % of the shipped example's band-frames after
+    #: 400 steps: a plain average, not the learned confidence it is meant to be (docs/results.md, session 9).
     prior_lr_scale: float = 1.0
     model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
 
