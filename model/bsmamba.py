@@ -229,7 +229,7 @@ class NMFPrior(nn.Module):
         (b, bands, 2 · AGREEMENT_STATISTICS)."""
         one_hot = F.one_hot(self.band_of_bin, len(self.bands)).to(power.dtype)  # (f, k)
         weight = power.float() + 1e-12
-        per_band = torch.einsum("bft,fk->bkt", weight, one_hot).sum(-1)  # (b, k)
+        per_band = torch.einsum("bft,fk->bk", weight, one_hot)
 
         def mean(values, over_bands=True):
             if over_bands:
