@@ -1,6 +1,6 @@
 """How well each query embedding tells instruments apart, on an eval set's queries (leave-one-out nearest neighbour).
 
-    python benchmarks/query_embeddings.py data/eval_test [--separator model/weights/bsmamba-v5]
+    python benchmarks/query_embeddings.py data/eval_test [--separator model/weights/bsmamba-v6]
                                           [--refiner model/weights/refiner-v1]
 
 Per case, three embeddings of its query clip: the separator's (what its FiLM layers are conditioned on), the

@@ -378,7 +378,7 @@ def train_refiner(config_file, resume, minutes, threads) -> None:
 @train.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Weights path without suffix, e.g. model/weights/bsmamba-v5")
+              help="Weights path without suffix, e.g. model/weights/bsmamba-v7")
 def train_export(checkpoint, out) -> None:
     """Write a training checkpoint as shipped weights (.safetensors + .json)."""
     from stemquery.model.export import export

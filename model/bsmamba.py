@@ -58,6 +58,9 @@ class BSMambaConfig:
     #: each bin that a query-supervised NMF gives the target (`NMFPrior`), and its output is a learned per
     #: band-frame blend of its own mask and that share.
     nmf_prior_iterations: int = 0
+    #: Iterations that learn the prior's bases from the query (0: `nmf_prior_iterations`). Queries are short, so
+    #: more here costs little at inference, where the mix's decomposition over minutes of audio dominates.
+    nmf_prior_query_iterations: int = 0
     #: With the prior: the gate also reads, per band and case, how the network's mask and the NMF share compare
     #: (`NMFPrior.agreement`; bsmamba-v4 has no such input).
     nmf_prior_confidence: bool = False

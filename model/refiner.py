@@ -6,7 +6,12 @@
           `strength` (StoRM's lesson: a predictive estimate first, diffusion to correct it, not generation from noise);
           with `residual`, the diffusion is over the correction z_0 − z_est, from zero
     gain = VAE.decode(z_0) / VAE.decode(z_est), per band (clamped): the VAE's own error cancels
-    refined STFT = estimate STFT × (1 − blend + blend × gain)      (the estimate's phase, no vocoder)
+    g = gate([z_mix ‖ z_est ‖ z_0 − z_est]) per latent cell, 0 to 1 (with `gate`; else 1)
+    refined STFT = estimate STFT × (1 + blend × g × (gain − 1))      (the estimate's phase, no vocoder)
+
+With `gate`, training adds the one-step refinement's own loss (`refinement_loss`: the SNR of the refined estimate,
+through one sampler step, the decodings and the gate), so the model learns the correction as inference applies it
+and where to leave the estimate alone (a consistency-style few-step refiner rather than a denoiser sampled in 10).
 
 Schedulers are diffusers': DDPM's noise schedule for training, DDIM or DPM-Solver++ for few-step sampling.
 """
@@ -19,12 +24,15 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from torch import nn
+from torch.nn import functional as F
 
 from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 #: The refined band gain is kept in [0, GAIN_MAX]: the refiner may remove a lot, but add back only so much.
 GAIN_MAX = 2.0
+#: The one-step refinement loss counts SNR up to this (dB).
+SNR_CAP_DB = 30.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,9 @@ class RefinerConfig:
     #: then the zero the model starts near, not an identity it has to learn (StoRM's predictive-then-corrective
     #: split). Without it, 440 steps in, the sampled target latent was worse than the estimate's own.
     residual: bool = False
+    #: A learned gate on the correction, per latent cell, from the mix, the estimate and the proposed correction:
+    #: where the refiner is unsure, the estimate stays as it was. It starts half open (v1's fixed blend 0.5).
+    gate: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +83,7 @@ class LatentRefiner(nn.Module):
             norm_num_groups=16,
         )
         self.timbre_tokens = nn.Linear(vae.config.timbre_dim, config.cross_attention_dim)
+        self.gate = CorrectionGate(latent) if config.gate else None
         self.noise_schedule = DDPMScheduler(num_train_timesteps=config.train_timesteps,
                                             prediction_type=config.prediction_type, beta_schedule="squaredcos_cap_v2")
 
@@ -112,6 +124,49 @@ class LatentRefiner(nn.Module):
             goal = noise
         return (self.denoise(noisy, timestep, z_mix, z_estimate, timbre) - goal).pow(2).mean()
 
+    def refinement_loss(self, z_mix: torch.Tensor, z_estimate: torch.Tensor, timbre: torch.Tensor,
+                        estimate_spec: torch.Tensor, target_spec: torch.Tensor) -> torch.Tensor:
+        """Negative SNR (dB, STFT domain, mean over the batch) of the estimate refined in one sampler step at the
+        configured strength: the path inference takes, trained end to end through the UNet, the frozen VAE's
+        decodings and the gate. The denoising loss alone left that path worse than the estimate (refiner-v1)."""
+        timestep = self.one_step_timestep(self.config.strength)
+        start = torch.zeros_like(z_estimate) if self.config.residual else z_estimate
+        t = torch.full((len(start),), timestep, device=start.device, dtype=torch.long)
+        noisy = self.noise_schedule.add_noise(start, torch.randn_like(start), t)
+        latent = self.predicted_clean(noisy, self.denoise(noisy, t, z_mix, z_estimate, timbre), timestep)
+        if self.config.residual:
+            latent = z_estimate + latent
+        frames = estimate_spec.shape[-1]
+        refined = self.apply_gain(estimate_spec, self.latent_gain(latent, z_estimate, frames), 1.0,
+                                  self.gate_of(z_mix, z_estimate, latent, frames))
+        error = (refined - target_spec).abs().pow(2).sum(dim=(1, 2, 3))
+        energy = target_spec.abs().pow(2).sum(dim=(1, 2, 3))
+        # Capped at SNR_CAP_DB: an estimate already near perfect stops pulling the batch's gradient to itself.
+        return (10 * torch.log10((error + 10 ** (-SNR_CAP_DB / 10) * energy + 1e-8) / (energy + 1e-8))).mean()
+
+    def one_step_timestep(self, strength: float) -> int:
+        """The timestep a one-step `sample` at this strength starts from."""
+        if strength >= 1:
+            return self.config.train_timesteps - 1
+        scheduler = self.sampler()
+        total = max(1, round(1 / strength))
+        scheduler.set_timesteps(total)
+        return int(scheduler.timesteps[-1])
+
+    def predicted_clean(self, noisy: torch.Tensor, output: torch.Tensor, timestep: int) -> torch.Tensor:
+        """The clean sample implied by the UNet's output at `timestep` (what one DDIM step to the end returns)."""
+        alpha = self.noise_schedule.alphas_cumprod[timestep].to(noisy.dtype)
+        if self.config.prediction_type == "v_prediction":
+            return alpha.sqrt() * noisy - (1 - alpha).sqrt() * output
+        return (noisy - (1 - alpha).sqrt() * output) / alpha.sqrt()
+
+    def gate_of(self, z_mix: torch.Tensor, z_estimate: torch.Tensor, latent: torch.Tensor,
+                frames: int) -> torch.Tensor | None:
+        """The gate per band and frame (batch, bands, frames), or None without one."""
+        if self.gate is None:
+            return None
+        return self.gate(z_mix, z_estimate, latent, (self.vae.config.bands, frames))
+
     def sampler(self):
         """A few-step scheduler sharing the training noise schedule, its steps spaced from the end ("trailing"):
         with the default "leading" spacing the last step is t = 0, so one step at any strength was a no-op."""
@@ -145,7 +200,9 @@ class LatentRefiner(nn.Module):
             raise ValueError(f"steps must be at least 1, got {steps}")
         z_mix, z_estimate = self.encode(mix_spec), self.encode(estimate_spec)
         latent = self.sample(z_mix, z_estimate, timbre, steps=steps, strength=strength, generator=generator)
-        return self.apply_gain(estimate_spec, self.latent_gain(latent, z_estimate, mix_spec.shape[-1]), blend)
+        frames = mix_spec.shape[-1]
+        return self.apply_gain(estimate_spec, self.latent_gain(latent, z_estimate, frames), blend,
+                               self.gate_of(z_mix, z_estimate, latent, frames))
 
     def latent_gain(self, latent: torch.Tensor, z_estimate: torch.Tensor, frames: int) -> torch.Tensor:
         """Band gains (batch, bands, frames) that take the estimate's decoding to the refined latent's.
@@ -156,14 +213,35 @@ class LatentRefiner(nn.Module):
         """
         return (self.band_magnitude(latent, frames) + 1e-4) / (self.band_magnitude(z_estimate, frames) + 1e-4)
 
-    def apply_gain(self, estimate_spec: torch.Tensor, gain: torch.Tensor, blend: float) -> torch.Tensor:
-        """The estimate with each band scaled by its (clamped) gain, `blend` of the way."""
-        gain = gain.clamp(0.0, GAIN_MAX)
-        return estimate_spec * (1 - blend + blend * self.vae.bands.to_bins(gain))
+    def apply_gain(self, estimate_spec: torch.Tensor, gain: torch.Tensor, blend: float,
+                   gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The estimate with each band scaled by its (clamped) gain, `blend` × `gate` of the way."""
+        share = blend if gate is None else blend * gate
+        return estimate_spec * self.vae.bands.to_bins(1 + share * (gain.clamp(0.0, GAIN_MAX) - 1))
 
     def band_gain_to(self, estimate_spec: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """Band gains that give the estimate these band magnitudes (batch, bands, frames)."""
         return magnitude / (self.vae.bands.power(estimate_spec).sqrt() + 1e-4)
+
+
+class CorrectionGate(nn.Module):
+    """How much of the proposed correction to apply, per latent cell: two convolutions over [z_mix ‖ z_est ‖
+    z_0 − z_est], a sigmoid, upsampled to the VAE's bands and the STFT's frames. The last layer starts at zero
+    weight and bias, so the gate starts at 0.5 everywhere."""
+
+    def __init__(self, latent_channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3 * latent_channels, hidden, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(hidden, 1, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z_mix: torch.Tensor, z_estimate: torch.Tensor, latent: torch.Tensor,
+                size: tuple[int, int]) -> torch.Tensor:
+        logit = self.net(torch.cat([z_mix, z_estimate, latent - z_estimate], dim=1))
+        frames = logit.shape[-1] * DOWNSAMPLING
+        gate = F.interpolate(torch.sigmoid(logit), size=(size[0], frames), mode="nearest")
+        return gate[:, 0, :, : size[1]]
 
 
 def save_refiner(refiner: LatentRefiner, path: Path, extra: dict | None = None) -> None:

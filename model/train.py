@@ -24,9 +24,13 @@ import torch
 from stemquery.model.bsmamba import BSMamba, BSMambaConfig
 from stemquery.model.engines.bsmamba import batch_prior, estimate_target, nmf_prior
 from stemquery.model.stft import STFT
-from stemquery.model.training_loop import RunConfig, TrainingRun
+from stemquery.model.training_loop import RunConfig, TrainingRun, load_partial
 
 log = logging.getLogger(__name__)
+
+#: Parts of the separator that weights from before them lack (the matching path, the NMF prior): starting from such
+#: weights (`init_weights`), these keep their initialisation.
+ADDED_SINCE_V2 = ("query_frame_mlp.", "prior.", ".match.")
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class SeparatorTrainer(TrainingRun):
         torch.manual_seed(config.seed)
         model = BSMamba(config.model)
         if config.init_weights:
-            load_partial(model, config.init_weights)
+            load_partial(model, config.init_weights, added=ADDED_SINCE_V2)
         super().__init__(config, model, list(model.parameters()), lr_scales={"prior.": config.prior_lr_scale})
         self.stft = STFT(config.model.n_fft, config.model.hop)
         self.nmf = nmf_prior(config.model)
@@ -225,21 +229,3 @@ class SeparatorTrainer(TrainingRun):
         estimate = self.stft.inverse(estimate[0], case.mixture.shape[1]).numpy()
         return (si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target),
                 snr(estimate, case.target) - snr(case.mixture, case.target))
-
-
-def load_partial(model: BSMamba, weights: Path) -> None:
-    """Load shipped weights into `model`, which may have parts the weights lack (the matching path or the NMF prior,
-    added since): those keep their initialisation. Anything else that does not fit is an error."""
-    from safetensors.torch import load_file
-
-    try:
-        result = model.load_state_dict(load_file(str(Path(weights).with_suffix(".safetensors"))), strict=False)
-    except RuntimeError as exc:  # shapes that differ
-        raise ValueError(f"{weights}: weights do not fit this model ({str(exc).splitlines()[1].strip()})") from None
-    unexpected = result.unexpected_keys
-    added = ("query_frame_mlp.", "prior.")
-    foreign = [k for k in result.missing_keys if ".match." not in k and not k.startswith(added)]
-    if unexpected or foreign:
-        raise ValueError(f"{weights}: weights do not fit this model (unexpected {unexpected[:3]}, missing "
-                         f"{foreign[:3]})")
-    log.info("started from %s (%d new parameter tensors)", weights, len(result.missing_keys))

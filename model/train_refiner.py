@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from stemquery.model.engines.bsmamba import estimate_target
 from stemquery.model.parallel import SliceParallel
-from stemquery.model.refiner import LatentRefiner, RefinerConfig
+from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner
 from stemquery.model.stft import STFT
-from stemquery.model.training_loop import RunConfig, TrainingRun
+from stemquery.model.training_loop import RunConfig, TrainingRun, load_partial
 from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, pad_frames
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,14 @@ class RefinerTrainConfig(RunConfig):
     run_dir: Path = Path("runs/refiner")
     train_corpus: Path = Path("data/train")
     val_set: Path = Path("data/eval_val")
-    #: The frozen parts: the VAE's checkpoint and the separator's shipped weights (path without suffix).
+    #: The frozen parts: the VAE (a `stemquery train vae` checkpoint, or shipped refiner weights, whose VAE is
+    #: taken) and the separator's shipped weights (paths without suffix for shipped weights).
     vae_checkpoint: Path = Path("runs/vae/last.pt")
-    separator_weights: Path = Path("model/weights/bsmamba-v5")
+    separator_weights: Path = Path("model/weights/bsmamba-v6")
+    #: Shipped refiner weights to start from (parts they lack, such as the gate, keep their initialisation).
+    init_weights: Path | None = None
+    #: Weight of the one-step refinement loss (`LatentRefiner.refinement_loss`, dB) beside the denoising loss.
+    refine_weight: float = 0.0
     segment_s: float = 3.0
     query_s: float = 3.0
     val_cases: int = 12
@@ -146,6 +151,11 @@ class VAETrainer(TrainingRun):
 
 
 def load_vae_checkpoint(path: Path) -> TimbrePitchVAE:
+    """A VAE from a `stemquery train vae` checkpoint (.pt) or from shipped refiner weights (their `vae.*`), so a
+    refiner can be trained on a new machine from what is committed."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        return load_refiner(path).vae
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("kind") != "vae":
         raise ValueError(f"{path}: not a VAE checkpoint (kind {state.get('kind')!r})")
@@ -176,6 +186,8 @@ class RefinerTrainer(TrainingRun):
                 vae, stft, sampler, np.random.default_rng(config.seed + 1))))
             log.info("VAE latent channel std over training targets: %s", config.model.latent_std)
         model = LatentRefiner(config.model, vae)
+        if config.init_weights:
+            load_partial(model, config.init_weights, added=("gate.",))
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
         super().__init__(config, model, trainable)
         self.separator, self.stft, self.sampler = separator, stft, sampler
@@ -183,24 +195,22 @@ class RefinerTrainer(TrainingRun):
         # The frozen separator runs without autograd: on CPU its fast inference path applies (model/parallel.py).
         self.parallel = SliceParallel(config.threads) if config.threads > 1 else None
 
-    def _latents(self, mixture: torch.Tensor, target: torch.Tensor, query: torch.Tensor):
-        """With the frozen separator and VAE: latents of target, mix and estimate, and the query's timbre."""
-        with torch.no_grad():
-            mix_spec = self.stft.forward(mixture)
-            query_spec = self.stft.forward(query)
-            estimate = estimate_target(self.separator, self.separator_nmf, mix_spec, query_spec, self.parallel)
-            z_target, z_mix, z_estimate = (self.model.encode(spec)
-                                           for spec in (self.stft.forward(target), mix_spec, estimate))
-            timbre = self.model.vae.timbre_embedding(query_spec)
-        return z_target, z_mix, z_estimate, timbre
-
     def loss(self) -> torch.Tensor:
         from stemquery.model.data.dataset import stack_triples
 
-        batch = stack_triples([self.sampler.draw(self.rng) for _ in range(self.config.batch)])
+        mixture, target, query = stack_triples([self.sampler.draw(self.rng) for _ in range(self.config.batch)])
         self.model.vae.eval()
         self.separator.eval()
-        return self.model.training_loss(*self._latents(*batch))
+        with torch.no_grad():  # the frozen separator and VAE encoder
+            mix_spec, target_spec, query_spec = (self.stft.forward(audio) for audio in (mixture, target, query))
+            estimate = estimate_target(self.separator, self.separator_nmf, mix_spec, query_spec, self.parallel)
+            z_target, z_mix, z_estimate = (self.model.encode(spec) for spec in (target_spec, mix_spec, estimate))
+            timbre = self.model.vae.timbre_embedding(query_spec)
+        loss = self.model.training_loss(z_target, z_mix, z_estimate, timbre)
+        if self.config.refine_weight:
+            loss = loss + self.config.refine_weight * self.model.refinement_loss(z_mix, z_estimate, timbre,
+                                                                                  estimate, target_spec)
+        return loss
 
     def validate(self) -> dict:
         """Mean SNR on the first `val_cases` val cases of: the separator alone, separator + refiner (default

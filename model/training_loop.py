@@ -266,3 +266,21 @@ def plot_curves(runs: list[Path], metric: str, out: Path) -> None:
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
+
+
+def load_partial(model: torch.nn.Module, weights: Path, *, added: tuple[str, ...]) -> None:
+    """Load shipped weights (path without suffix) into `model`, which may have parts the weights lack: parameters
+    whose names contain one of `added` (parts introduced since) keep their initialisation. Anything else that does
+    not fit is an error."""
+    from safetensors.torch import load_file
+
+    try:
+        result = model.load_state_dict(load_file(str(Path(weights).with_suffix(".safetensors"))), strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        raise ValueError(f"{weights}: weights do not fit this model ({str(exc).splitlines()[1].strip()})") from None
+    unexpected = result.unexpected_keys
+    foreign = [k for k in result.missing_keys if not any(part in k for part in added)]
+    if unexpected or foreign:
+        raise ValueError(f"{weights}: weights do not fit this model (unexpected {unexpected[:3]}, missing "
+                         f"{foreign[:3]})")
+    log.info("started from %s (%d new parameter tensors)", weights, len(result.missing_keys))

@@ -49,13 +49,14 @@ def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, pri
 def upgraded_from_shipped(tmp_path, **added):
     """(model without `added`, saved and loaded by `load_partial` into a model with them, a mix STFT, a query
     STFT): a new path fine-tuned from shipped weights."""
-    from stemquery.model.train import load_partial
+    from stemquery.model.train import ADDED_SINCE_V2
+    from stemquery.model.training_loop import load_partial
 
     torch.manual_seed(0)
     without = BSMamba(BSMambaConfig(**TINY))
     save_weights(without, tmp_path / "old")
     upgraded = BSMamba(BSMambaConfig(**TINY, **added))
-    load_partial(upgraded, tmp_path / "old")
+    load_partial(upgraded, tmp_path / "old", added=ADDED_SINCE_V2)
     stft = STFT(without.config.n_fft, without.config.hop)
     return without, upgraded, stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
 
@@ -63,7 +64,8 @@ def upgraded_from_shipped(tmp_path, **added):
 def test_matching_path_starts_as_the_model_without_it(tmp_path):
     """Shipped weights without a matching path load into a model with one (`load_partial`) and give the same
     output: the path's output projection starts at zero, so fine-tuning starts from the shipped model."""
-    from stemquery.model.train import load_partial
+    from stemquery.model.train import ADDED_SINCE_V2
+    from stemquery.model.training_loop import load_partial
 
     without, with_match, mix, query = upgraded_from_shipped(tmp_path, match_heads=2)
     with torch.no_grad():
@@ -71,7 +73,7 @@ def test_matching_path_starts_as_the_model_without_it(tmp_path):
                                    without(mix, without.embed_queries([query])))
     save_weights(BSMamba(BSMambaConfig(**{**TINY, "dim": 32})), tmp_path / "other")
     with pytest.raises(ValueError, match="do not fit"):
-        load_partial(with_match, tmp_path / "other")
+        load_partial(with_match, tmp_path / "other", added=ADDED_SINCE_V2)
 
 
 @pytest.mark.parametrize("confidence", [False, True])

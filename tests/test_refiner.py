@@ -147,6 +147,76 @@ def test_dpm_solver_and_strength_one_run():
     assert out.shape == spec.shape and torch.isfinite(torch.view_as_real(out)).all()
 
 
+def perfect_estimates(refiner: LatentRefiner, seeds) -> tuple[torch.Tensor, ...]:
+    """Mix and target STFTs and their latents for clips whose estimate is the target itself."""
+    stft = STFT(2048, 1024)
+    target = stft.forward(torch.stack([clip(seed) for seed in seeds]))
+    mix = target + stft.forward(torch.stack([0.7 * clip(seed + 50) for seed in seeds]))
+    with torch.no_grad():
+        return mix, target, refiner.encode(mix), refiner.encode(target), refiner.vae.timbre_embedding(target)
+
+
+def test_one_step_refinement_loss_takes_the_path_inference_takes(monkeypatch):
+    """`refinement_loss` denoises once, at the timestep a one-step `sample` starts from, and scores what `refine`
+    would return: with a denoiser that always proposes the same correction, the loss is minus the refined
+    SNR (capped at 30 dB)."""
+    refiner = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "gate": True, "strength": 0.6}),
+                            TimbrePitchVAE(VAEConfig(**TINY_VAE))).eval()
+    assert refiner.one_step_timestep(0.6) == 499 and refiner.one_step_timestep(1.0) == 999
+    mix, target, z_mix, z_target, timbre = perfect_estimates(refiner, [1])
+    estimate = 0.6 * target
+    z_estimate = refiner.encode(estimate)
+    seen = []
+    alphas = refiner.noise_schedule.alphas_cumprod
+
+    def denoiser_proposing(noisy, timestep, *rest):  # the v whose clean sample is the fixed correction 0.1
+        seen.append(int(timestep[0]))
+        alpha = alphas[timestep].view(-1, 1, 1, 1)
+        noise = (noisy - alpha.sqrt() * 0.1) / (1 - alpha).sqrt()
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * 0.1
+
+    monkeypatch.setattr(refiner, "denoise", denoiser_proposing)
+    with torch.no_grad():
+        loss = refiner.refinement_loss(z_mix, z_estimate, timbre, estimate, target)
+        refined = refiner.refine(mix, estimate, timbre, steps=1)
+    relative_error = (refined - target).abs().pow(2).sum() / target.abs().pow(2).sum()
+    assert seen == [499, 499] and relative_error > 0.05
+    torch.testing.assert_close(loss, 10 * torch.log10(relative_error + 1e-3), rtol=1e-3, atol=1e-3)  # SNR cap 30 dB
+
+
+def test_the_gate_learns_to_leave_a_perfect_estimate_unchanged():
+    """With the UNet frozen (an untrained one proposes some correction everywhere), 60 steps of the one-step loss
+    on estimates that are already the target train the gate alone to shut: on a held-out perfect estimate the
+    change the refiner makes falls at least 30-fold, to under 1 % of its energy; the gate closes below 0.1."""
+    torch.manual_seed(0)
+    refiner = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "gate": True}), TimbrePitchVAE(VAEConfig(**TINY_VAE)))
+    refiner.requires_grad_(False)
+    refiner.gate.requires_grad_(True)
+    optimizer = torch.optim.Adam(refiner.gate.parameters(), lr=1e-2)
+    train = perfect_estimates(refiner, range(8))
+    held_out = perfect_estimates(refiner, [20])
+
+    def change() -> tuple[float, float]:
+        mix, target, z_mix, z_target, timbre = held_out
+        with torch.no_grad():
+            latent = refiner.sample(z_mix, z_target, timbre, steps=1, strength=refiner.config.strength,
+                                    generator=torch.Generator().manual_seed(0))
+            refined = refiner.refine(mix, target, timbre, steps=1, generator=torch.Generator().manual_seed(0))
+            gate = refiner.gate_of(z_mix, z_target, latent, target.shape[-1])
+        return float((refined - target).abs().pow(2).sum() / target.abs().pow(2).sum()), float(gate.mean())
+
+    before, gate_before = change()
+    for _ in range(60):
+        mix, target, z_mix, z_target, timbre = train
+        loss = refiner.refinement_loss(z_mix, z_target, timbre, target, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after, gate_after = change()
+    assert gate_before == pytest.approx(0.5) and gate_after < 0.1, (gate_before, gate_after)
+    assert after < 0.01 and after < before / 30, (before, after)
+
+
 @pytest.fixture()
 def tiny_shipped(tmp_path, monkeypatch):
     """Untrained tiny separator and refiner as shipped files in a temporary weights folder (for tests)."""

@@ -19,7 +19,7 @@ from stemquery.model.stft import STFT
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-WEIGHTS_NAME = "bsmamba-v5"
+WEIGHTS_NAME = "bsmamba-v6"
 REFINER_NAME = "refiner-v1"
 
 
@@ -53,7 +53,8 @@ def nmf_prior(config: BSMambaConfig, device: torch.device | str = "cpu") -> Quer
     0.6 s a 10 s case on one core, mean SI-SDRi +0.18 dB against the engine's +0.59; docs/results.md, session 8)."""
     if not config.nmf_prior_iterations:
         return None
-    return QueryNMF(NMFConfig(n_fft=config.n_fft, hop=config.hop, query_iterations=config.nmf_prior_iterations,
+    return QueryNMF(NMFConfig(n_fft=config.n_fft, hop=config.hop,
+                              query_iterations=config.nmf_prior_query_iterations or config.nmf_prior_iterations,
                               mix_iterations=config.nmf_prior_iterations, query_shifts=tuple(range(-2, 3)),
                               max_query_frames=1000), device)
 
