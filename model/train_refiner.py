@@ -61,6 +61,11 @@ class RefinerTrainConfig(RunConfig):
     protocols: tuple[str, ...] = ("same_stem", "same_stem", "cross_track", "mixture_region")
     model: RefinerConfig = field(default_factory=RefinerConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.gate and self.refine_weight <= 0:
+            raise ValueError("the refiner's gate learns only from the one-step refinement loss: with gate = true, "
+                             "set refine_weight above 0 (model/configs/refiner.toml uses 1.0)")
+
 
 def latent_channel_std(vae: TimbrePitchVAE, stft: STFT, sampler, rng: np.random.Generator,
                        clips: int = 32) -> tuple[float, ...]:

@@ -15,7 +15,7 @@ from stemquery.model.engines import bsmamba as engine_module
 from stemquery.model.engines.bsmamba import REFINER_NAME, WEIGHTS_NAME, save_weights
 from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner, save_refiner
 from stemquery.model.stft import STFT
-from stemquery.model.train_refiner import VAETrainConfig, vae_losses
+from stemquery.model.train_refiner import RefinerTrainConfig, VAETrainConfig, vae_losses
 from stemquery.model.vae import TimbrePitchVAE, VAEConfig
 
 TINY_VAE = dict(bands=32, block_channels=(8, 16, 16), pitches=128)
@@ -215,6 +215,13 @@ def test_the_gate_learns_to_leave_a_perfect_estimate_unchanged():
     after, gate_after = change()
     assert gate_before == pytest.approx(0.5) and gate_after < 0.1, (gate_before, gate_after)
     assert after < 0.01 and after < before / 30, (before, after)
+
+
+
+def test_a_gate_without_the_loss_that_trains_it_is_refused():
+    with pytest.raises(ValueError, match="set refine_weight above 0"):
+        RefinerTrainConfig(model=RefinerConfig(**{**TINY_REFINER, "gate": True}))
+    assert RefinerTrainConfig(model=RefinerConfig(**{**TINY_REFINER, "gate": True}), refine_weight=1.0).refine_weight
 
 
 @pytest.fixture()
