@@ -205,6 +205,28 @@ def prepare(root, workers, only) -> None:
     click.echo(f"prepared {', '.join(ran) if ran else 'nothing (all present)'} under {root}")
 
 
+@data.command()
+@click.option("--corpus", type=click.Path(path_type=Path, exists=True, file_okay=False), default=Path("data/train"),
+              show_default=True, help="A rendered corpus.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--tracks", type=click.IntRange(min=1), default=75, show_default=True,
+              help="Evenly spaced tracks to keep.")
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
+              help="Excerpt of each track (where most of its stems play).")
+@click.option("--compression", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Ogg Vorbis compression level (0: best quality, 1: smallest).")
+def pack(corpus, out, tracks, seconds, compression) -> None:
+    """A small compressed excerpt of a corpus (Vorbis stems), for training on a machine the corpus cannot reach."""
+    from stemquery.model.data.pack import PackConfig, pack_corpus
+
+    try:
+        count, size = pack_corpus(PackConfig(corpus=corpus, out=out, tracks=tracks, seconds=seconds,
+                                             compression=compression))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{count} tracks, {size / 2**20:.1f} MiB → {out}")
+
+
 @data.command("cache-music21")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/midi_music21"), show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)

@@ -68,6 +68,10 @@ class SeparatorTrainConfig(RunConfig):
     #: network's rate, bsmamba-v4's gate stayed within 0.45-0.52 on 80 % of the shipped example's band-frames after
     #: 400 steps: a plain average, not the learned confidence it is meant to be (docs/results.md, session 9).
     prior_lr_scale: float = 1.0
+    #: Processes that draw the training triples (0: drawn in the training process, one batch per step, the
+    #: random stream fixed by the seed). On an accelerator the step is faster than one CPU core draws a batch;
+    #: each worker then draws whole batches from a stream of its own (seed, resume step, worker).
+    workers: int = 0
     model: BSMambaConfig = field(default_factory=lambda: BSMambaConfig(chunk=32))
 
 
@@ -150,6 +154,7 @@ def query_contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, keys:
 class SeparatorTrainer(TrainingRun):
     kind = "separator"
     best_metric = "si_sdr_i"
+    devices = ("cpu", "cuda")
 
     def __init__(self, config: SeparatorTrainConfig) -> None:
         from stemquery.model.data.dataset import TripleSampler, load_corpus
@@ -162,7 +167,8 @@ class SeparatorTrainer(TrainingRun):
             load_partial(model, config.init_weights, added=ADDED_SINCE_V2)
         super().__init__(config, model, list(model.parameters()), lr_scales={"prior.": config.prior_lr_scale})
         self.stft = STFT(config.model.n_fft, config.model.hop)
-        self.nmf = nmf_prior(config.model)
+        self.nmf = nmf_prior(config.model, self.device)
+        self._batches = None  # the workers' batches (`workers` > 0), started at the first step
         tracks = load_corpus(config.train_corpus, config.model.sample_rate)
         log.info("training corpus: %d tracks, %.1f stem-hours", len(tracks),
                  sum(s.audio.shape[1] for t in tracks for s in t.stems) / config.model.sample_rate / 3600)
@@ -172,27 +178,37 @@ class SeparatorTrainer(TrainingRun):
                                      speed_semitones=config.speed_semitones,
                                      family_negative_p=config.family_negative_p, dominant_p=config.dominant_p)
 
-    def loss(self) -> torch.Tensor:
+    def _next_batch(self) -> tuple[tuple[torch.Tensor, ...], list[dict]]:
+        """(mixture, target, query) on the training device, and each triple's info."""
         from stemquery.model.data.dataset import stack_triples
 
-        triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
-        mixture, target, query = stack_triples(triples)
+        if self.config.workers > 0:
+            if self._batches is None:
+                self._batches = iter(_worker_loader(self.sampler, self.config, self.step))
+            tensors, infos = next(self._batches)
+        else:
+            triples = [self.sampler.draw(self.rng) for _ in range(self.config.batch)]
+            tensors, infos = stack_triples(triples), [t.info for t in triples]
+        return tuple(t.to(self.device, non_blocking=True) for t in tensors), infos
+
+    def loss(self) -> torch.Tensor:
+        (mixture, target, query), infos = self._next_batch()
         mix_spec, query_spec = self.stft.forward(mixture), self.stft.forward(query)
         prior = batch_prior(self.nmf, mix_spec, query_spec)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             condition = self.model.embed_queries([query_spec])
             if self.config.query_embedding_dropout > 0:
-                keep = torch.rand(len(triples)) >= self.config.query_embedding_dropout
+                keep = torch.rand(len(infos), device=self.device) >= self.config.query_embedding_dropout
                 condition = condition._replace(embedding=condition.embedding * keep[:, None].to(condition.embedding))
             estimate = self.model(mix_spec, condition, prior=prior)
         loss = separation_loss(estimate.to(torch.complex64), target, mixture, self.stft, self.config.level_loss)
-        present = [i for i, t in enumerate(triples) if not t.info["absent"]]
+        present = [i for i, info in enumerate(infos) if not info["absent"]]
         if self.config.query_contrastive > 0 and len(present) > 1:
             self.terms.setdefault("separation", []).append(float(loss.detach()))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
                 positives = self.model.query_encoder(self.stft.forward(target[present])).embedding
             contrastive = query_contrastive_loss(condition.embedding[present], positives,
-                                                 [triples[i].info["instrument"] for i in present],
+                                                 [infos[i]["instrument"] for i in present],
                                                  temperature=self.config.contrastive_temperature)
             self.terms.setdefault("contrastive", []).append(float(contrastive.detach()))
             loss = loss + self.config.query_contrastive * contrastive
@@ -224,8 +240,31 @@ class SeparatorTrainer(TrainingRun):
         """(SI-SDR improvement, SNR improvement) of the model on `case` with `query`."""
         from stemquery.model.evaluate import si_sdr, snr
 
-        spec = self.stft.forward(torch.from_numpy(case.mixture))[None]
-        estimate = estimate_target(self.model, self.nmf, spec, self.stft.forward(torch.from_numpy(query))[None])
-        estimate = self.stft.inverse(estimate[0], case.mixture.shape[1]).numpy()
+        spec = self.stft.forward(torch.from_numpy(case.mixture).to(self.device))[None]
+        query_spec = self.stft.forward(torch.from_numpy(query).to(self.device))[None]
+        estimate = estimate_target(self.model, self.nmf, spec, query_spec)
+        estimate = self.stft.inverse(estimate[0], case.mixture.shape[1]).cpu().numpy()
         return (si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target),
                 snr(estimate, case.target) - snr(case.mixture, case.target))
+
+
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    """Endless batches from a `TripleSampler`, each worker with a random stream of its own."""
+
+    def __init__(self, sampler, batch: int, seed: int, step: int) -> None:
+        self.sampler, self.batch, self.seed, self.step = sampler, batch, seed, step
+
+    def __iter__(self):
+        from stemquery.model.data.dataset import stack_triples
+
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, self.step, worker.id if worker else 0])
+        while True:
+            triples = [self.sampler.draw(rng) for _ in range(self.batch)]
+            yield stack_triples(triples), [t.info for t in triples]
+
+
+def _worker_loader(sampler, config: SeparatorTrainConfig, step: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(_WorkerBatches(sampler, config.batch, config.seed, step), batch_size=None,
+                                       num_workers=config.workers, prefetch_factor=4, persistent_workers=True,
+                                       pin_memory=torch.device(config.device).type == "cuda")

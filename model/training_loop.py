@@ -42,6 +42,9 @@ class RunConfig:
     checkpoint_minutes: float = 5.0
     bf16: bool = True
     threads: int = 2
+    #: The torch device the model trains on ("cuda" on an accelerator, for the trainers whose `devices` have it:
+    #: the separator's); data is drawn on the CPU.
+    device: str = "cpu"
 
     @classmethod
     def load(cls, path: Path):
@@ -78,13 +81,19 @@ class TrainingRun:
     #: dozen cases is noisy and the curve is not monotone: the last checkpoint is not always the one to ship.
     best_metric: str = ""
     higher_is_better: bool = True
+    #: The device types this trainer moves its batches to (`RunConfig.device`).
+    devices: tuple[str, ...] = ("cpu",)
 
     def __init__(self, config: RunConfig, model: torch.nn.Module, trainable: list[torch.nn.Parameter],
                  lr_scales: dict[str, float] | None = None) -> None:
         """`lr_scales`: a learning-rate multiplier for the trainable parameters whose names (in `model`) start with
         a key; the rest train at the schedule's rate."""
         self.config = config
-        self.model = model
+        self.device = torch.device(config.device)
+        if self.device.type not in self.devices:
+            raise ValueError(f"device {config.device!r}: the {self.kind} trainer runs on {', '.join(self.devices)} "
+                             "only; set device = \"cpu\" in its config")
+        self.model = model.to(self.device)
         self.trainable = trainable
         # fused: one kernel for all the (many, small, per-band) parameter tensors instead of a loop over them
         self.optimizer = torch.optim.AdamW(self._param_groups(trainable, lr_scales or {}), lr=config.lr,
@@ -199,6 +208,8 @@ class TrainingRun:
     def run(self) -> None:
         """Train until max_steps, `minutes`, or SIGTERM/SIGINT (then the checkpoint is written first)."""
         torch.set_num_threads(self.config.threads)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 products: the NMF prior's and the network's
         started = time.monotonic()
         log_file = (self.config.run_dir / "log.jsonl").open("a")
         stop: list[bool] = []

@@ -292,3 +292,41 @@ def test_prepare_renders_and_draws_what_is_missing_once(tmp_path, midi_cache, mo
     assert (root / "train" / "index.json").exists() and not (root / "eval_train.partial").exists()
     assert sorted(p.name for p in (root / "eval_train").iterdir()) == ["case_000", "case_001"]
     assert prepare_module.prepare(root, workers=1) == []
+
+
+def test_pack_keeps_the_busiest_excerpt_as_a_loadable_corpus(tmp_path):
+    """`stemquery data pack`: evenly spaced tracks, the window where most stems play, Vorbis stems close to the
+    originals, notes shifted into the excerpt, and a corpus `load_corpus` reads like a rendered one."""
+    from stemquery.model.data.pack import PackConfig, excerpt_start, pack_corpus
+
+    rate = 44100
+    corpus = tmp_path / "corpus"
+    t = np.arange(6 * rate) / rate
+    for index in range(4):
+        folder = corpus / f"t{index:06d}"
+        (folder / "stems").mkdir(parents=True)
+        records = []
+        for position, hz in enumerate((220.0, 330.0)):
+            audio = 0.3 * np.sin(2 * np.pi * hz * t) * (t >= 3.0)  # both stems play from 3 s on
+            sf.write(folder / f"stems/{position:02d}_p.flac", np.stack([audio, audio]).T, rate, subtype="PCM_16")
+            records.append({"file": f"stems/{position:02d}_p.flac", "part": "p", "program": position,
+                            "family": "organ", "is_drum": False, "timbre": "a.sf2",
+                            "notes": [[1.0, 2.0, 60, 90], [3.5, 4.0, 62, 90]]})
+        (folder / "meta.json").write_text(json.dumps({"track": folder.name, "stems": records}))
+    count, size = pack_corpus(PackConfig(corpus=corpus, out=tmp_path / "pack", tracks=2, seconds=2.0))
+    assert count == 2 and size > 0
+    assert json.loads((tmp_path / "pack" / "index.json").read_text())["tracks"] == ["t000000", "t000003"]
+    meta = json.loads((tmp_path / "pack" / "t000003" / "meta.json").read_text())
+    assert meta["excerpt"]["start_s"] >= 3.0 and meta["samples"] == 2 * rate
+    start = meta["excerpt"]["start_s"]
+    assert meta["stems"][0]["notes"] == [[3.5 - start, 4.0 - start, 62, 90]]
+    packed, packed_rate = sf.read(tmp_path / "pack" / "t000003" / meta["stems"][1]["file"], dtype="float32")
+    original = 0.3 * np.sin(2 * np.pi * 330.0 * (np.arange(2 * rate) / rate + start))
+    assert packed_rate == rate and packed.shape == (2 * rate, 2)
+    assert snr(packed[:, 0], original) > 25.0
+    tracks = load_corpus(tmp_path / "pack", rate)
+    assert [len(track.stems) for track in tracks] == [2, 2] and tracks[0].stems[0].active.mean() > 0.9
+    late = np.concatenate([np.zeros((1, rate)), np.full((1, 3 * rate), 0.5)], axis=1)
+    assert excerpt_start([late, late], rate, 1.0) == rate  # the first fully active second
+    with pytest.raises(ValueError, match="no rendered tracks"):
+        pack_corpus(PackConfig(corpus=tmp_path / "pack" / "t000000" / "stems", out=tmp_path / "none"))

@@ -160,6 +160,8 @@ def test_vae_and_refiner_train_resume_and_export(tmp_path):
     vae_config = VAETrainConfig(run_dir=tmp_path / "vae", train_corpus=corpus, val_corpus=corpus, batch=2,
                                 clip_s=1.0, max_steps=2, validate_every=2, val_pairs=2, log_every=1,
                                 model=VAEConfig(**TINY_VAE))
+    with pytest.raises(ValueError, match="vae trainer runs on cpu only"):  # its batches stay on the CPU
+        VAETrainer(dataclasses.replace(vae_config, device="cuda"))
     VAETrainer(vae_config).run()
     curve = json.loads((tmp_path / "vae" / "curve.json").read_text())
     assert curve[0]["step"] == 2 and all(np.isfinite(curve[0][k]) for k in ("reconstruction", "pitch", "contrastive"))
@@ -220,3 +222,41 @@ def test_curve_plot_of_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = CliRunner().invoke(main, ["train", "curve", str(tmp_path / "a"), "--metric", "snr", "--out", str(out)])
     assert result.exit_code == 1 and "no 'snr' values" in result.output
+
+
+def test_batched_nmf_prior_equals_one_clip_at_a_time():
+    """The accelerator's batched prior (`QueryNMF.batch_bases` and a batched `target_share`) is the CPU's
+    per-example one, for each example with its own query."""
+    from stemquery.model.engines.bsmamba import nmf_prior, prior_shares
+    from stemquery.model.engines.nmf import channel_magnitude
+
+    nmf = nmf_prior(BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=5))
+    generator = torch.Generator().manual_seed(0)
+    mix = torch.rand(3, 2, 65, 20, generator=generator) * torch.exp(2j * torch.pi * torch.rand(3, 2, 65, 20))
+    query = torch.rand(3, 2, 65, 30, generator=generator).to(torch.complex64)
+    one_at_a_time = prior_shares(nmf, mix, [nmf.bases([channel_magnitude(q)]) for q in query])
+    batched = nmf.target_share(channel_magnitude(mix), nmf.batch_bases(channel_magnitude(query)))
+    torch.testing.assert_close(batched, one_at_a_time, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # each example with its own query's bases
+
+
+def test_worker_processes_draw_the_batches(tmp_path):
+    """`workers`: batches drawn by worker processes train like the in-process ones (shapes, finite losses),
+    and a resumed run draws from a stream of its own (seed, step) rather than replaying the first one."""
+    from stemquery.model.train import _WorkerBatches
+
+    corpus = make_corpus(tmp_path / "corpus")
+    config = SeparatorTrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "none",
+                                  batch=2, segment_s=1.0, query_s=1.0, max_steps=3, log_every=1, warmup_steps=2,
+                                  workers=2, model=BSMambaConfig(**TINY_SEPARATOR))
+    trainer = SeparatorTrainer(config)
+    trainer.run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    first = next(iter(_WorkerBatches(trainer.sampler, 2, seed=0, step=0)))
+    again = next(iter(_WorkerBatches(trainer.sampler, 2, seed=0, step=0)))
+    later = next(iter(_WorkerBatches(trainer.sampler, 2, seed=0, step=3)))
+    (mixture, target, query), infos = first
+    assert mixture.shape == target.shape == (2, 2, RATE) and query.shape == (2, 2, RATE) and len(infos) == 2
+    torch.testing.assert_close(again[0][0], mixture)
+    assert not torch.equal(later[0][0], mixture)
