@@ -209,11 +209,11 @@ def prepare(root, workers, only) -> None:
 @click.option("--corpus", type=click.Path(path_type=Path, exists=True, file_okay=False), default=Path("data/train"),
               show_default=True, help="A rendered corpus.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--tracks", type=click.IntRange(min=1), default=75, show_default=True,
+@click.option("--tracks", type=click.IntRange(min=1), default=90, show_default=True,
               help="Evenly spaced tracks to keep.")
-@click.option("--seconds", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=7.0, show_default=True,
               help="Excerpt of each track (where most of its stems play).")
-@click.option("--compression", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--compression", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
               help="Ogg Vorbis compression level (0: best quality, 1: smallest).")
 def pack(corpus, out, tracks, seconds, compression) -> None:
     """A small compressed excerpt of a corpus (Vorbis stems), for training on a machine the corpus cannot reach."""
