@@ -112,20 +112,13 @@ class QueryNMF:
         return (torch.rand(*shape, generator=generator) + 0.1).to(self.device)
 
     def bases(self, magnitudes: list[torch.Tensor], progress: StepProgress = no_progress) -> torch.Tensor:
-        """`query_rank` bases (bins, rank) learned from the clips' magnitudes and their pitch-shifted copies."""
-        magnitude = torch.cat(magnitudes, dim=1).float()
-        magnitude = torch.cat([pitch_shifted(magnitude, k) for k in self.config.query_shifts], dim=1)
-        stride = -(-magnitude.shape[1] // self.config.max_query_frames)
-        magnitude = magnitude[:, ::stride]
-        gen = self._generator()
-        w = _normalise_columns(self._random(magnitude.shape[0], self.config.query_rank, generator=gen))
-        h = self._random(self.config.query_rank, magnitude.shape[1], generator=gen)
-        w, _ = kl_nmf(magnitude, w, h, iterations=self.config.query_iterations, progress=progress)
-        return w
+        """`query_rank` bases (bins, rank) learned from the clips' magnitudes (joined in time) and their
+        pitch-shifted copies."""
+        return self.batch_bases(torch.cat(magnitudes, dim=-1), progress)
 
-    def batch_bases(self, magnitudes: torch.Tensor) -> torch.Tensor:
-        """`bases` of each clip of a batch (batch, bins, frames) on its own, in one batched decomposition:
-        (batch, bins, rank), each the same as `bases([clip])` up to rounding."""
+    def batch_bases(self, magnitudes: torch.Tensor, progress: StepProgress = no_progress) -> torch.Tensor:
+        """Bases of a magnitude (bins, frames) → (bins, rank), or of each clip of a batch (batch, bins, frames) on
+        its own, in one batched decomposition → (batch, bins, rank), each the same as `bases([clip])`."""
         magnitude = torch.cat([pitch_shifted(magnitudes.float(), k) for k in self.config.query_shifts], dim=-1)
         stride = -(-magnitude.shape[-1] // self.config.max_query_frames)
         magnitude = magnitude[..., ::stride]
@@ -134,7 +127,7 @@ class QueryNMF:
         h = self._random(self.config.query_rank, magnitude.shape[-1], generator=gen)
         batch = magnitude.shape[:-2]
         w, _ = kl_nmf(magnitude, w.expand(*batch, *w.shape), h.expand(*batch, *h.shape),
-                      iterations=self.config.query_iterations)
+                      iterations=self.config.query_iterations, progress=progress)
         return w
 
     def decompose(self, magnitude: torch.Tensor, bases: list[torch.Tensor],
