@@ -18,12 +18,13 @@ The query reaches the network by two paths:
 
 With `nmf_prior_iterations`, a query-supervised NMF's share of each bin joins the input and the output is a
 learned blend of the network's mask and that share (`NMFPrior`): matching by decomposition beside matching by
-attention.
+attention. With `nmf_prior_exemplars`, a second share from the query's own frames as bases joins the same way.
 
 The network works on spectrograms; the STFT and chunking live in the engine (`engines/bsmamba.py`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple
 
@@ -64,9 +65,22 @@ class BSMambaConfig:
     #: With the prior: the gate also reads, per band and case, how the network's mask and the NMF share compare
     #: (`NMFPrior.agreement`; bsmamba-v4 has no such input).
     nmf_prior_confidence: bool = False
+    #: With the prior: a second share, from this many of the query's own frames as bases (`QueryNMF.exemplars`), read
+    #: and blended in as the first is (0: none, as bsmamba-v6). Exemplars match a query that is the very sound in the
+    #: mix far better than learned bases, and a different passage far worse: the network learns which to trust.
+    nmf_prior_exemplars: int = 0
     #: Scan chunk (the weights do not depend on it): 32 is the fastest on CPU for training and inference alike
     #: (docs/performance.md).
     chunk: int = 32
+
+    def __post_init__(self) -> None:
+        if self.nmf_prior_exemplars and not self.nmf_prior_iterations:
+            raise ValueError("nmf_prior_exemplars needs the NMF prior (nmf_prior_iterations > 0)")
+
+    @property
+    def prior_shares(self) -> int:
+        """How many NMF shares the model reads (0 without the prior)."""
+        return (1 + (self.nmf_prior_exemplars > 0)) if self.nmf_prior_iterations else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +127,9 @@ class HyperFiLM(nn.Module):
 
 
 CONDITIONING = {"film": FiLM, "hyperfilm": HyperFiLM}
+
+#: The exemplar share's weight in the blend at the start (`BSMamba.exemplar_prior`).
+EXEMPLAR_GATE_START = 0.1
 
 #: What `NMFPrior.agreement` measures, per band and over the whole spectrum: the network mask's mean, the share's
 #: mean, their correlation.
@@ -183,7 +200,8 @@ class NMFPrior(nn.Module):
     their correlation (r = 0.25); with these as inputs, v5's gate follows the case (r = 0.50 against v4's −0.25;
     docs/results.md, session 9)."""
 
-    def __init__(self, bands: list[tuple[int, int]], dim: int, *, confidence: bool = False) -> None:
+    def __init__(self, bands: list[tuple[int, int]], dim: int, *, confidence: bool = False,
+                 gate_start: float = 0.5) -> None:
         super().__init__()
         self.bands = bands
         self.inputs = nn.ModuleList(nn.Linear(stop - start, dim) for start, stop in bands)
@@ -192,7 +210,7 @@ class NMFPrior(nn.Module):
             nn.init.zeros_(linear.bias)
         self.gate_norm = nn.RMSNorm(dim)
         self.gate_weight = nn.Parameter(torch.zeros(len(bands), dim))
-        self.gate_bias = nn.Parameter(torch.zeros(len(bands)))
+        self.gate_bias = nn.Parameter(torch.full((len(bands),), math.log(gate_start / (1 - gate_start))))
         self.confidence = None
         if confidence:
             self.band_embedding = nn.Parameter(torch.randn(len(bands), 8) / 8 ** 0.5)
@@ -320,6 +338,10 @@ class BSMamba(nn.Module):
         self.mask = MaskEstimator(self.bands, config.channels, config.dim)
         self.prior = NMFPrior(self.bands, config.dim, confidence=config.nmf_prior_confidence) \
             if config.nmf_prior_iterations else None
+        # The exemplar share is blended in after the first, starting nearly shut: a model trained without it starts
+        # out close to what it was.
+        self.exemplar_prior = NMFPrior(self.bands, config.dim, confidence=config.nmf_prior_confidence,
+                                       gate_start=EXEMPLAR_GATE_START) if config.nmf_prior_exemplars else None
 
     def embed_queries(self, query_specs: list[torch.Tensor]) -> QueryCondition:
         """Each (batch, channels, bins, frames) → one condition: embeddings and profiles averaged over the clips,
@@ -351,19 +373,33 @@ class BSMamba(nn.Module):
         Each band's input holds, per bin, how far the mix's relative log power is above the query's long-term
         spectrum: a direct "does this look like the query" cue from the first layer on. With the query reaching the
         network only through FiLM, it stayed a constant ~0.85 × mix for 800 steps (docs/results.md).
-        `prior` (batch, bins, frames) is the query-NMF share of each bin, required with `nmf_prior_iterations`.
+        `prior` (batch, shares, bins, frames) is the query-NMF share of each bin (`engines.bsmamba.QueryPrior`;
+        one share may come as (batch, bins, frames)), required with `nmf_prior_iterations`.
         `parallel` runs the per-band maps and the sequence layers slice by slice on worker threads (CPU inference:
         `model/parallel.py`); `progress(fraction)` is told after each block, so a long segment reports as it goes."""
-        if (prior is None) != (self.prior is None):
-            raise ValueError("this model takes an NMF prior" if prior is None else "this model takes no NMF prior")
+        priors = self._priors(prior)
         x = self.split(mix_spec, self.match_cue(mix_spec, query.profile), parallel)
-        if self.prior is not None:
-            x = x + self.prior.features(prior, x.dtype)
+        for module, share in priors:
+            x = x + module.features(share, x.dtype)
         for index, block in enumerate(self.blocks):
             x = block(x, query, parallel)
             if progress:
                 progress((index + 1) / (len(self.blocks) + 1))
         mask = self.mask(x, parallel)
-        if self.prior is not None:
-            mask = self.prior.blend(mask, prior, x, mix_spec.abs().pow(2).mean(dim=1))
+        power = mix_spec.abs().pow(2).mean(dim=1) if priors else None
+        for module, share in priors:
+            mask = module.blend(mask, share, x, power)
         return mask * mix_spec
+
+    def _priors(self, prior: torch.Tensor | None) -> list[tuple[NMFPrior, torch.Tensor]]:
+        """Each prior module with its share, checked against the config."""
+        expected = self.config.prior_shares
+        if (prior is None) != (expected == 0):
+            raise ValueError("this model takes an NMF prior" if prior is None else "this model takes no NMF prior")
+        if prior is None:
+            return []
+        prior = prior[:, None] if prior.dim() == 3 else prior
+        if prior.shape[1] != expected:
+            raise ValueError(f"this model takes {expected} NMF share(s), got {prior.shape[1]}")
+        modules = [self.prior] + ([self.exemplar_prior] if self.exemplar_prior is not None else [])
+        return list(zip(modules, prior.unbind(dim=1)))

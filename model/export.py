@@ -26,7 +26,15 @@ def _export_refiner(state: dict, out: Path, provenance: dict) -> None:
     save_refiner(refiner_from_state(state), out, extra=provenance)
 
 
-EXPORTERS = {"separator": _export_separator, "refiner": _export_refiner}
+def _export_vae(state: dict, out: Path, provenance: dict) -> None:
+    from stemquery.model.vae import TimbrePitchVAE, VAEConfig, save_vae
+
+    vae = TimbrePitchVAE(VAEConfig.from_dict(state["config"]["model"]))
+    vae.load_state_dict(state["model"])
+    save_vae(vae, out, extra=provenance)
+
+
+EXPORTERS = {"separator": _export_separator, "refiner": _export_refiner, "vae": _export_vae}
 
 
 def export(checkpoint: Path, out: Path) -> None:
@@ -34,8 +42,8 @@ def export(checkpoint: Path, out: Path) -> None:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     kind = state.get("kind", "separator")
     if kind not in EXPORTERS:
-        raise ValueError(f"{checkpoint}: a {kind} checkpoint is not shipped on its own (the refiner's export holds "
-                         "its VAE); export a separator or refiner checkpoint")
+        raise ValueError(f"{checkpoint}: a {kind} checkpoint cannot be exported; export a separator, refiner or "
+                         "VAE checkpoint")
     curve = state["curve"]
     EXPORTERS[kind](state, out, {"kind": kind, "step": state["step"], "validation": curve[-1] if curve else None,
                                  "curve": curve, "best": state.get("best"), "train_config": state["config"]})

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: Parts of the separator that weights from before them lack (the matching path, the NMF prior): starting from such
 #: weights (`init_weights`), these keep their initialisation.
-ADDED_SINCE_V2 = ("query_frame_mlp.", "prior.", ".match.")
+ADDED_SINCE_V2 = ("query_frame_mlp.", "prior.", ".match.")  # "prior." also covers "exemplar_prior."
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,10 @@ class SeparatorTrainer(TrainingRun):
         model = BSMamba(config.model)
         if config.init_weights:
             load_partial(model, config.init_weights, added=ADDED_SINCE_V2)
-        super().__init__(config, model, list(model.parameters()), lr_scales={"prior.": config.prior_lr_scale})
+        super().__init__(config, model, list(model.parameters()),
+                         lr_scales={"prior.": config.prior_lr_scale, "exemplar_prior.": config.prior_lr_scale})
         self.stft = STFT(config.model.n_fft, config.model.hop)
-        self.nmf = nmf_prior(config.model, self.device)
+        self.prior = nmf_prior(config.model, self.device)
         self._batches = None  # the workers' batches (`workers` > 0), started at the first step
         tracks = load_corpus(config.train_corpus, config.model.sample_rate)
         log.info("training corpus: %d tracks, %.1f stem-hours", len(tracks),
@@ -194,7 +195,7 @@ class SeparatorTrainer(TrainingRun):
     def loss(self) -> torch.Tensor:
         (mixture, target, query), infos = self._next_batch()
         mix_spec, query_spec = self.stft.forward(mixture), self.stft.forward(query)
-        prior = batch_prior(self.nmf, mix_spec, query_spec)
+        prior = batch_prior(self.prior, mix_spec, query_spec)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             condition = self.model.embed_queries([query_spec])
             if self.config.query_embedding_dropout > 0:
@@ -242,7 +243,7 @@ class SeparatorTrainer(TrainingRun):
 
         spec = self.stft.forward(torch.from_numpy(case.mixture).to(self.device))[None]
         query_spec = self.stft.forward(torch.from_numpy(query).to(self.device))[None]
-        estimate = estimate_target(self.model, self.nmf, spec, query_spec)
+        estimate = estimate_target(self.model, self.prior, spec, query_spec)
         estimate = self.stft.inverse(estimate[0], case.mixture.shape[1]).cpu().numpy()
         return (si_sdr(estimate, case.target) - si_sdr(case.mixture, case.target),
                 snr(estimate, case.target) - snr(case.mixture, case.target))

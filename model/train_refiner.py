@@ -10,6 +10,7 @@ Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent, o
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from stemquery.model.parallel import SliceParallel
 from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner
 from stemquery.model.stft import STFT
 from stemquery.model.training_loop import RunConfig, TrainingRun, load_partial
-from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, pad_frames
+from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, load_vae, pad_frames
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,12 @@ class VAETrainer(TrainingRun):
 
 
 def load_vae_checkpoint(path: Path) -> TimbrePitchVAE:
-    """A VAE from a `stemquery train vae` checkpoint (.pt) or from shipped refiner weights (their `vae.*`), so a
-    refiner can be trained on a new machine from what is committed."""
+    """A VAE from a `stemquery train vae` checkpoint (.pt), its export (`stemquery train export`), or shipped
+    refiner weights (their `vae.*`), so a refiner can be trained on a new machine from what is committed."""
     path = Path(path)
     if path.suffix != ".pt":
+        if json.loads(path.with_suffix(".json").read_text()).get("kind") == "vae":
+            return load_vae(path)
         return load_refiner(path).vae
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("kind") != "vae":
@@ -196,7 +199,7 @@ class RefinerTrainer(TrainingRun):
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
         super().__init__(config, model, trainable)
         self.separator, self.stft, self.sampler = separator, stft, sampler
-        self.separator_nmf = nmf_prior(separator.config)
+        self.separator_prior = nmf_prior(separator.config)
         # The frozen separator runs without autograd: on CPU its fast inference path applies (model/parallel.py).
         self.parallel = SliceParallel(config.threads) if config.threads > 1 else None
 
@@ -208,7 +211,7 @@ class RefinerTrainer(TrainingRun):
         self.separator.eval()
         with torch.no_grad():  # the frozen separator and VAE encoder
             mix_spec, target_spec, query_spec = (self.stft.forward(audio) for audio in (mixture, target, query))
-            estimate = estimate_target(self.separator, self.separator_nmf, mix_spec, query_spec, self.parallel)
+            estimate = estimate_target(self.separator, self.separator_prior, mix_spec, query_spec, self.parallel)
             z_target, z_mix, z_estimate = (self.model.encode(spec) for spec in (target_spec, mix_spec, estimate))
             timbre = self.model.vae.timbre_embedding(query_spec)
         loss = self.model.training_loss(z_target, z_mix, z_estimate, timbre)
@@ -233,7 +236,7 @@ class RefinerTrainer(TrainingRun):
             case = read_case(folder)
             mix_spec, query_spec, target_spec = (self.stft.forward(torch.from_numpy(audio))[None]
                                                  for audio in (case.mixture, case.query, case.target))
-            estimate = estimate_target(self.separator, self.separator_nmf, mix_spec, query_spec, self.parallel)
+            estimate = estimate_target(self.separator, self.separator_prior, mix_spec, query_spec, self.parallel)
             frames, z_estimate = estimate.shape[-1], refiner.encode(estimate)
             gains = {
                 "vae_roundtrip": refiner.band_gain_to(estimate, refiner.band_magnitude(z_estimate, frames)),

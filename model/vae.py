@@ -14,7 +14,9 @@ separator's complex estimate (see `refiner.py`).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,22 @@ class TimbrePitchVAE(nn.Module):
     def pitch_logits(self, content: torch.Tensor) -> torch.Tensor:
         """Content latent (b, c, latent_bands, t) → piano-roll logits (b, pitches, t)."""
         return self.pitch_head(rearrange(content, "b c k t -> b (c k) t"))
+
+
+def save_vae(vae: TimbrePitchVAE, path: Path, extra: dict | None = None) -> None:
+    """A VAE on its own (before a refiner is trained over it): safetensors, and its config in the JSON beside."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    save_file(state, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps({"kind": "vae", "vae": vae.config.to_dict(), **(extra or {})},
+                                                    indent=1))
+
+
+def load_vae(path: Path) -> TimbrePitchVAE:
+    from safetensors.torch import load_file
+
+    vae = TimbrePitchVAE(VAEConfig.from_dict(json.loads(path.with_suffix(".json").read_text())["vae"]))
+    vae.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
+    return vae.eval()

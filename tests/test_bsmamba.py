@@ -46,16 +46,16 @@ def test_output_spectrogram_shape_for_odd_lengths(conditioning, match_heads, pri
         assert condition.frames is None
 
 
-def upgraded_from_shipped(tmp_path, **added):
-    """(model without `added`, saved and loaded by `load_partial` into a model with them, a mix STFT, a query
-    STFT): a new path fine-tuned from shipped weights."""
+def upgraded_from_shipped(tmp_path, base: dict | None = None, **added):
+    """(model without `added` (with `base`), saved and loaded by `load_partial` into a model with them, a mix STFT,
+    a query STFT): a new path fine-tuned from shipped weights."""
     from stemquery.model.train import ADDED_SINCE_V2
     from stemquery.model.training_loop import load_partial
 
     torch.manual_seed(0)
-    without = BSMamba(BSMambaConfig(**TINY))
+    without = BSMamba(BSMambaConfig(**TINY, **(base or {})))
     save_weights(without, tmp_path / "old")
-    upgraded = BSMamba(BSMambaConfig(**TINY, **added))
+    upgraded = BSMamba(BSMambaConfig(**{**TINY, **(base or {}), **added}))
     load_partial(upgraded, tmp_path / "old", added=ADDED_SINCE_V2)
     stft = STFT(without.config.n_fft, without.config.hop)
     return without, upgraded, stft.forward(torch.randn(1, 2, 9000)), stft.forward(torch.randn(1, 2, 6000))
@@ -92,6 +92,54 @@ def test_nmf_prior_starts_as_the_average_of_the_network_and_nmf(tmp_path, confid
             with_prior(mix, with_prior.embed_queries([query]))
         with pytest.raises(ValueError, match="takes no NMF prior"):
             without(mix, without.embed_queries([query]), prior=share)
+
+
+def test_exemplar_share_starts_nearly_shut_and_is_checked(tmp_path):
+    """The exemplar share (`nmf_prior_exemplars`) joins a model with the prior as a second blend that starts at
+    `EXEMPLAR_GATE_START`: a model without it fine-tunes from where it was. The number of shares is checked."""
+    from stemquery.model.bsmamba import EXEMPLAR_GATE_START
+
+    one, two, mix, query = upgraded_from_shipped(tmp_path, nmf_prior_iterations=5, nmf_prior_confidence=True,
+                                                 nmf_prior_exemplars=8, base=dict(nmf_prior_iterations=5,
+                                                                                  nmf_prior_confidence=True))
+    shares = torch.rand(1, 2, mix.shape[2], mix.shape[3])
+    with torch.no_grad():
+        before = one(mix, one.embed_queries([query]), prior=shares[:, 0])
+        after = two(mix, two.embed_queries([query]), prior=shares)
+        start = EXEMPLAR_GATE_START
+        torch.testing.assert_close(after, (1 - start) * before + start * shares[:, 1, None] * mix)
+        with pytest.raises(ValueError, match="takes 2 NMF share"):
+            two(mix, two.embed_queries([query]), prior=shares[:, 0])
+    with pytest.raises(ValueError, match="needs the NMF prior"):
+        BSMambaConfig(**TINY, nmf_prior_exemplars=8)
+
+
+def test_exemplars_are_the_clips_loud_frames_and_match_the_very_sound(two_sources):
+    """`QueryNMF.exemplars`: `count` columns, each summing to 1, drawn from loud frames only (a silent stretch gives
+    none), a batch the same as one clip at a time. Given the clean target itself as the query, the exemplars'
+    Wiener share separates it better than bases learned from it (the reason the separator reads both)."""
+    from stemquery.model.engines.nmf import NMFConfig, QueryNMF, channel_magnitude
+
+    mix, target, _ = two_sources
+    stft = STFT(2048, 1024)
+    target_mag = channel_magnitude(stft.forward(torch.from_numpy(target).float()))
+    silent = torch.cat([torch.zeros_like(target_mag), target_mag], dim=-1)
+    bases = QueryNMF.exemplars(silent, 16)
+    assert bases.shape == (1025, 16)
+    torch.testing.assert_close(bases.sum(dim=0), torch.ones(16))
+    frames = target_mag / target_mag.sum(dim=0, keepdim=True)
+    assert all(torch.isclose(frames, column[:, None], atol=1e-6).all(dim=0).any() for column in bases.T)
+    batch = QueryNMF.exemplars(torch.stack([silent, silent.flip(-1)]), 16)
+    torch.testing.assert_close(batch[1], QueryNMF.exemplars(silent.flip(-1), 16))
+
+    nmf = QueryNMF(NMFConfig(n_fft=2048, hop=1024, query_iterations=30, mix_iterations=60))
+    mix_spec = stft.forward(torch.from_numpy(mix).float())
+    mix_mag = channel_magnitude(mix_spec)
+    scores = {}
+    for name, kind in (("learned", nmf.bases([target_mag])), ("exemplars", QueryNMF.exemplars(target_mag, 64))):
+        estimate = stft.inverse(mix_spec * nmf.target_share(mix_mag, kind), mix.shape[-1]).numpy()
+        scores[name] = si_sdr(estimate, target)
+    assert scores["exemplars"] > scores["learned"] + 1.0, scores
 
 
 def test_nmf_prior_gate_learns_to_trust_a_good_prior(two_sources):
@@ -301,11 +349,13 @@ def test_engine_through_api_keeps_shape_and_sums(tiny_weights, two_sources):
         np.testing.assert_allclose(stems.target + stems.residual, audio, atol=1e-6)
 
 
-def test_engine_with_nmf_prior_one_and_several_stems(tmp_path, monkeypatch, two_sources):
-    """A model with the NMF prior through the API: the prior's bases come with the query, the stems and the
-    residual sum to the mix, and the same request gives the same sound twice."""
+@pytest.mark.parametrize("exemplars", [0, 16])
+def test_engine_with_nmf_prior_one_and_several_stems(tmp_path, monkeypatch, two_sources, exemplars):
+    """A model with the NMF prior (and the exemplar share) through the API: the prior's bases come with the
+    query, the stems and the residual sum to the mix, and the same request gives the same sound twice."""
     torch.manual_seed(0)
-    save_weights(BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5, nmf_prior_confidence=True)),
+    save_weights(BSMamba(BSMambaConfig(**TINY, nmf_prior_iterations=5, nmf_prior_confidence=True,
+                                       nmf_prior_exemplars=exemplars)),
                  tmp_path / engine_module.WEIGHTS_NAME)
     monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
     mix, _, query = two_sources

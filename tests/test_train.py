@@ -18,7 +18,8 @@ from stemquery.model.bsmamba import BSMamba
 from stemquery.model.refiner import RefinerConfig, load_refiner
 from stemquery.model.export import export
 from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, query_contrastive_loss
-from stemquery.model.train_refiner import RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer
+from stemquery.model.train_refiner import (RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer,
+                                          load_vae_checkpoint)
 from stemquery.model.vae import VAEConfig
 from test_refiner import TINY_REFINER, TINY_SEPARATOR, TINY_VAE
 
@@ -165,11 +166,20 @@ def test_vae_and_refiner_train_resume_and_export(tmp_path):
     VAETrainer(vae_config).run()
     curve = json.loads((tmp_path / "vae" / "curve.json").read_text())
     assert curve[0]["step"] == 2 and all(np.isfinite(curve[0][k]) for k in ("reconstruction", "pitch", "contrastive"))
+    # a VAE is committed on its own (before a refiner is trained over it): exported, it loads and resumes
+    export(tmp_path / "vae" / "last.pt", tmp_path / "weights" / "vae-v1")
+    trained = torch.load(tmp_path / "vae" / "last.pt", weights_only=False)["model"]
+    for key, value in load_vae_checkpoint(tmp_path / "weights" / "vae-v1").state_dict().items():
+        torch.testing.assert_close(value, trained[key])
+    again = VAETrainer(dataclasses.replace(vae_config, max_steps=3, run_dir=tmp_path / "vae2"))
+    again.resume(tmp_path / "weights" / "vae-v1.safetensors")
+    again.run()
+    assert again.step == 3
 
     torch.manual_seed(0)
     save_weights(BSMamba(BSMambaConfig(**TINY_SEPARATOR)), tmp_path / "sep" / "bsmamba-v1")
     config = RefinerTrainConfig(run_dir=tmp_path / "refiner", train_corpus=corpus, val_set=tmp_path / "val",
-                                vae_checkpoint=tmp_path / "vae" / "last.pt",
+                                vae_checkpoint=tmp_path / "weights" / "vae-v1",
                                 separator_weights=tmp_path / "sep" / "bsmamba-v1", batch=2, segment_s=1.0,
                                 query_s=1.0, max_steps=2, validate_every=2, val_cases=1, log_every=1,
                                 model=RefinerConfig(**TINY_REFINER))
@@ -225,19 +235,21 @@ def test_curve_plot_of_runs(tmp_path):
 
 
 def test_batched_nmf_prior_equals_one_clip_at_a_time():
-    """The accelerator's batched prior (`QueryNMF.batch_bases` and a batched `target_share`) is the CPU's
-    per-example one, for each example with its own query."""
+    """The accelerator's batched prior (`QueryPrior.batch_bases` and batched shares) is the CPU's per-example one,
+    for each example with its own query, for the learned bases' share and the exemplars' alike."""
     from stemquery.model.engines.bsmamba import nmf_prior, prior_shares
     from stemquery.model.engines.nmf import channel_magnitude
 
-    nmf = nmf_prior(BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=5))
+    prior = nmf_prior(BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=5, nmf_prior_exemplars=8))
     generator = torch.Generator().manual_seed(0)
     mix = torch.rand(3, 2, 65, 20, generator=generator) * torch.exp(2j * torch.pi * torch.rand(3, 2, 65, 20))
     query = torch.rand(3, 2, 65, 30, generator=generator).to(torch.complex64)
-    one_at_a_time = prior_shares(nmf, mix, [nmf.bases([channel_magnitude(q)]) for q in query])
-    batched = nmf.target_share(channel_magnitude(mix), nmf.batch_bases(channel_magnitude(query)))
+    one_at_a_time = prior_shares(prior, mix, [prior.bases([channel_magnitude(q)]) for q in query])
+    batched = prior.shares(channel_magnitude(mix), prior.batch_bases(channel_magnitude(query)))
+    assert batched.shape == (3, 2, 65, 20)
     torch.testing.assert_close(batched, one_at_a_time, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # each example with its own query's bases
+    assert not torch.allclose(batched[:, 0], batched[:, 1], atol=1e-3)  # two kinds of bases, two shares
 
 
 def test_worker_processes_draw_the_batches(tmp_path):

@@ -47,45 +47,68 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> BSMamba:
     return model.to(device).eval()
 
 
-def nmf_prior(config: BSMambaConfig, device: torch.device | str = "cpu") -> QueryNMF | None:
-    """The query-NMF that feeds a model with `nmf_prior_iterations` (None without): on the network's own STFT,
-    fewer iterations and pitch shifts than the `nmf` engine (with 30 iterations, on 12 val_unseen cases: about
-    0.6 s a 10 s case on one core, mean SI-SDRi +0.18 dB against the engine's +0.59; docs/results.md, session 8)."""
-    if not config.nmf_prior_iterations:
-        return None
-    return QueryNMF(NMFConfig(n_fft=config.n_fft, hop=config.hop,
-                              query_iterations=config.nmf_prior_query_iterations or config.nmf_prior_iterations,
-                              mix_iterations=config.nmf_prior_iterations, query_shifts=tuple(range(-2, 3)),
-                              max_query_frames=1000), device)
+class QueryPrior:
+    """The query-NMF prior of a model with `nmf_prior_iterations`: on the network's own STFT, fewer iterations and
+    pitch shifts than the `nmf` engine (with 30 iterations, on 12 val_unseen cases: about 0.6 s a 10 s case on one
+    core, mean SI-SDRi +0.18 dB against the engine's +0.59; docs/results.md, session 8). One share of the mix per
+    kind of bases: the query's learned bases, and with `nmf_prior_exemplars` its own frames
+    (`QueryNMF.exemplars`)."""
+
+    def __init__(self, config: BSMambaConfig, device: torch.device | str = "cpu") -> None:
+        self.nmf = QueryNMF(NMFConfig(n_fft=config.n_fft, hop=config.hop,
+                                      query_iterations=config.nmf_prior_query_iterations or config.nmf_prior_iterations,
+                                      mix_iterations=config.nmf_prior_iterations, query_shifts=tuple(range(-2, 3)),
+                                      max_query_frames=1000), device)
+        self.exemplars = config.nmf_prior_exemplars
+
+    def bases(self, magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One query's clips (each a magnitude (bins, frames)) → its bases, one tensor per share."""
+        if not self.exemplars:
+            return [self.nmf.bases(magnitudes)]
+        return [self.nmf.bases(magnitudes), self.nmf.exemplars(torch.cat(magnitudes, dim=-1), self.exemplars)]
+
+    def batch_bases(self, magnitudes: torch.Tensor) -> list[torch.Tensor]:
+        """A batch of clips (batch, bins, frames), each its own query, in one go: the same as `bases` of each."""
+        if not self.exemplars:
+            return [self.nmf.batch_bases(magnitudes)]
+        return [self.nmf.batch_bases(magnitudes), self.nmf.exemplars(magnitudes, self.exemplars)]
+
+    @torch.no_grad()
+    def shares(self, mix_magnitude: torch.Tensor, bases: list[torch.Tensor]) -> torch.Tensor:
+        """The mix's magnitude (…, bins, frames) and its query's bases (as `bases` or `batch_bases` give them) → the
+        target's share of each bin by each kind of bases (…, shares, bins, frames), 0 to 1."""
+        return torch.stack([self.nmf.target_share(mix_magnitude, kind) for kind in bases], dim=-3)
 
 
-def prior_shares(nmf: QueryNMF, mix_specs: torch.Tensor, bases: list[torch.Tensor]) -> torch.Tensor:
-    """The NMF prior of each mix (batch, channels, bins, frames) for its own query's bases: (batch, bins, frames)."""
-    with torch.no_grad():
-        return torch.stack([nmf.target_share(channel_magnitude(spec), w)
-                            for spec, w in zip(mix_specs, bases)])
+def nmf_prior(config: BSMambaConfig, device: torch.device | str = "cpu") -> QueryPrior | None:
+    """The prior a model reads (None for a model without one)."""
+    return QueryPrior(config, device) if config.nmf_prior_iterations else None
 
 
-def batch_prior(nmf: QueryNMF | None, mix_spec: torch.Tensor, query_spec: torch.Tensor) -> torch.Tensor | None:
-    """The NMF prior of each mix for its own query clip (both (batch, channels, bins, frames)); None without.
+def prior_shares(prior: QueryPrior, mix_specs: torch.Tensor, bases: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The prior of each mix (batch, channels, bins, frames) for its own query's bases: (batch, shares, bins,
+    frames)."""
+    return torch.stack([prior.shares(channel_magnitude(spec), kinds) for spec, kinds in zip(mix_specs, bases)])
+
+
+def batch_prior(prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: torch.Tensor) -> torch.Tensor | None:
+    """The prior of each mix for its own query clip (both (batch, channels, bins, frames)); None without.
 
     On an accelerator, one batched decomposition for the whole batch (the same shares as one at a time: a few
     large products instead of thousands of small kernel launches); on the CPU one at a time, which is faster there
     (8 training examples: 1.0 s against 1.9 s at one thread; batched products lose MKL's single-matrix path)."""
-    if nmf is None:
+    if prior is None:
         return None
     if mix_spec.device.type == "cpu":
-        return prior_shares(nmf, mix_spec, [nmf.bases([channel_magnitude(spec)]) for spec in query_spec])
-    with torch.no_grad():
-        bases = nmf.batch_bases(channel_magnitude(query_spec))
-        return nmf.target_share(channel_magnitude(mix_spec), bases)
+        return prior_shares(prior, mix_spec, [prior.bases([channel_magnitude(spec)]) for spec in query_spec])
+    return prior.shares(channel_magnitude(mix_spec), prior.batch_bases(channel_magnitude(query_spec)))
 
 
-def estimate_target(model: BSMamba, nmf: QueryNMF | None, mix_spec: torch.Tensor, query_spec: torch.Tensor,
+def estimate_target(model: BSMamba, prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: torch.Tensor,
                     parallel: SliceParallel | None = None) -> torch.Tensor:
     """The model's target STFT for each mix and its query clip, with the NMF prior where the model takes one
-    (`nmf`: `nmf_prior(model.config)`): for the trainers' validation and the refiner's frozen separator."""
-    return model(mix_spec, model.embed_queries([query_spec]), prior=batch_prior(nmf, mix_spec, query_spec),
+    (`prior`: `nmf_prior(model.config)`): for the trainers' validation and the refiner's frozen separator."""
+    return model(mix_spec, model.embed_queries([query_spec]), prior=batch_prior(prior, mix_spec, query_spec),
                  parallel=parallel)
 
 
@@ -93,7 +116,7 @@ def estimate_target(model: BSMamba, nmf: QueryNMF | None, mix_spec: torch.Tensor
 class QueryState:
     condition: QueryCondition  # what the separator is conditioned on
     timbre: torch.Tensor | None  # the refiner's VAE timbre embedding (None without the refiner)
-    nmf_bases: torch.Tensor | None = None  # the query's NMF bases for the prior (None without it)
+    nmf_bases: list[torch.Tensor] | None = None  # the query's bases for the prior, one per share (None without)
 
 
 @register_engine
@@ -123,7 +146,7 @@ class BSMambaEngine(Engine):
         threads = torch.get_num_threads()
         self.parallel = SliceParallel(threads) if self.device.type == "cpu" and threads > 1 else None
         self.stft = STFT(self.model.config.n_fft, self.model.config.hop)
-        self.nmf = nmf_prior(self.model.config, self.device)
+        self.prior = nmf_prior(self.model.config, self.device)
         self.sample_rate = self.model.config.sample_rate
         self.refiner_path: Path | None = None
         self.refiner = self._load_refiner(refiner_weights, steps) if refine else None
@@ -180,7 +203,7 @@ class BSMambaEngine(Engine):
         timbre = None
         if self.refiner is not None:
             timbre = torch.stack([self.refiner.vae.timbre_embedding(spec) for spec in specs]).mean(dim=0)
-        bases = None if self.nmf is None else self.nmf.bases([channel_magnitude(spec[0]) for spec in specs])
+        bases = None if self.prior is None else self.prior.bases([channel_magnitude(spec[0]) for spec in specs])
         progress(1.0)
         return QueryState(self.model.embed_queries(specs), timbre, bases)
 
@@ -188,7 +211,7 @@ class BSMambaEngine(Engine):
         """The target's complex STFT estimate for the mix STFT `spec` (1, 2, bins, frames)."""
         # the separator's blocks report as they finish (a 20 s segment would otherwise be one step of progress)
         share = 0.2 if self.refiner is not None else 0.95
-        prior = None if self.nmf is None else prior_shares(self.nmf, spec, [query.nmf_bases])
+        prior = None if self.prior is None else prior_shares(self.prior, spec, [query.nmf_bases])
         estimate = self.model(spec, query.condition, prior=prior, parallel=self.parallel,
                               progress=lambda f: progress(share * f))
         if self.refiner is not None:

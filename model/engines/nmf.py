@@ -39,7 +39,7 @@ class NMFConfig:
 
 
 def _normalise_columns(w: torch.Tensor) -> torch.Tensor:
-    return w / (w.sum(dim=0, keepdim=True) + EPS)
+    return w / (w.sum(dim=-2, keepdim=True) + EPS)
 
 
 def pitch_shifted(magnitude: torch.Tensor, semitones: int) -> torch.Tensor:
@@ -129,6 +129,29 @@ class QueryNMF:
         w, _ = kl_nmf(magnitude, w.expand(*batch, *w.shape), h.expand(*batch, *h.shape),
                       iterations=self.config.query_iterations, progress=progress)
         return w
+
+    @staticmethod
+    def exemplars(magnitudes: torch.Tensor, count: int, floor: float = 1e-2) -> torch.Tensor:
+        """The clip's own frames as bases (exemplar-based NMF): `count` evenly spaced frames of a magnitude (bins,
+        frames), or of each clip of a batch (batch, bins, frames), among those whose level is at least `floor` of
+        the clip's loudest frame; (…, bins, count), each column summing to 1.
+
+        Learned bases generalise a clip to neighbouring pitches and mixes; its own frames match it exactly. Where
+        the example is the very sound in the mix (a solo passage of the same recording, the clean target itself),
+        they explain it far better: on 32 test cases with the clean target as the query, the Wiener share of 256
+        exemplars scored 9.13 dB SI-SDRi against 7.47 for 32 learned bases; with a later passage (64 cases) −4.48
+        against −0.75 (docs/results.md, session 12). So the separator reads both shares and learns which to trust.
+        Short or quiet clips repeat frames to fill `count` (a repeated base changes nothing), so a batch stays one
+        tensor."""
+        energy = magnitudes.sum(dim=-2)  # (…, frames)
+        loud = energy >= energy.amax(dim=-1, keepdim=True) * floor
+        # evenly spaced ranks among the loud frames, mapped back to frame indices
+        order = torch.argsort((~loud).to(torch.int8), dim=-1, stable=True)  # loud frames first, in time order
+        ranks = (torch.linspace(0, 1, count, device=magnitudes.device)
+                 * (loud.sum(dim=-1, keepdim=True) - 1).clamp(min=0)).round().long()
+        frames = torch.gather(order, -1, ranks)
+        columns = torch.gather(magnitudes.float(), -1, frames.unsqueeze(-2).expand(*magnitudes.shape[:-1], count))
+        return _normalise_columns(columns)
 
     def decompose(self, magnitude: torch.Tensor, bases: list[torch.Tensor],
                   progress: StepProgress = no_progress) -> list[torch.Tensor]:
