@@ -63,15 +63,13 @@ class QueryPrior:
 
     def bases(self, magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
         """One query's clips (each a magnitude (bins, frames)) → its bases, one tensor per share."""
-        if not self.exemplars:
-            return [self.nmf.bases(magnitudes)]
-        return [self.nmf.bases(magnitudes), self.nmf.exemplars(torch.cat(magnitudes, dim=-1), self.exemplars)]
+        return self.batch_bases(torch.cat(magnitudes, dim=-1))
 
     def batch_bases(self, magnitudes: torch.Tensor) -> list[torch.Tensor]:
-        """A batch of clips (batch, bins, frames), each its own query, in one go: the same as `bases` of each."""
-        if not self.exemplars:
-            return [self.nmf.batch_bases(magnitudes)]
-        return [self.nmf.batch_bases(magnitudes), self.nmf.exemplars(magnitudes, self.exemplars)]
+        """Bases of a magnitude (bins, frames), or of each clip of a batch (batch, bins, frames) in one go (the same
+        as `bases` of each): one tensor per share."""
+        learned = self.nmf.batch_bases(magnitudes)
+        return [learned, self.nmf.exemplars(magnitudes, self.exemplars)] if self.exemplars else [learned]
 
     @torch.no_grad()
     def shares(self, mix_magnitude: torch.Tensor, bases: list[torch.Tensor]) -> torch.Tensor:
