@@ -114,6 +114,36 @@ def test_exemplar_share_starts_nearly_shut_and_is_checked(tmp_path):
         BSMambaConfig(**TINY, nmf_prior_exemplars=8)
 
 
+def test_exemplar_match_starts_unchanged_and_reads_the_frames(tmp_path):
+    """`nmf_prior_match`: the exemplar gate's match weights start at zero, so a v7-style model gains them
+    unchanged; once weighted, a better frame match opens the gate further. The match is required, and
+    `QueryNMF.exemplar_match` is 1 for a frame that is an exemplar (at any level) and lower for another."""
+    from stemquery.model.bsmamba import Prior
+    from stemquery.model.engines.nmf import QueryNMF
+
+    base = dict(nmf_prior_iterations=5, nmf_prior_confidence=True, nmf_prior_exemplars=8)
+    old, new, mix, query = upgraded_from_shipped(tmp_path, **base, nmf_prior_match=True, base=base)
+    shares = torch.rand(1, 2, mix.shape[2], mix.shape[3], generator=torch.Generator().manual_seed(1))
+    good, poor = torch.full((1, mix.shape[3]), 0.999), torch.full((1, mix.shape[3]), 0.7)
+    with torch.no_grad():
+        before = old(mix, old.embed_queries([query]), prior=shares)
+        torch.testing.assert_close(new(mix, new.embed_queries([query]), prior=Prior(shares, good)), before)
+        with pytest.raises(ValueError, match="frame match"):
+            new(mix, new.embed_queries([query]), prior=shares)
+        new.exemplar_prior.match_weight.fill_(1.0)
+        gate, gates = new.exemplar_prior.gate, []
+        new.exemplar_prior.gate = lambda *a: gates.append(gate(*a)) or gates[-1]
+        for match in (good, poor):
+            new(mix, new.embed_queries([query]), prior=Prior(shares, match))
+        assert float(gates[0].mean()) > float(gates[1].mean()) + 0.3
+    with pytest.raises(ValueError, match="needs the exemplar share"):
+        BSMambaConfig(**TINY, nmf_prior_iterations=5, nmf_prior_match=True)
+    exemplars = torch.rand(65, 8, generator=torch.Generator().manual_seed(2))
+    estimate = torch.cat([3.0 * exemplars[:, 2:3], torch.rand(65, 1, generator=torch.Generator().manual_seed(3))], 1)
+    match = QueryNMF.exemplar_match(estimate, exemplars)
+    assert match[0] == pytest.approx(1.0, abs=1e-5) and match[1] < 0.99
+
+
 def test_exemplars_are_the_clips_loud_frames_and_match_the_very_sound(two_sources):
     """`QueryNMF.exemplars`: `count` columns, each summing to 1, drawn from loud frames only (a silent stretch gives
     none), a batch the same as one clip at a time. Given the clean target itself as the query, the exemplars'

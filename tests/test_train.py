@@ -240,16 +240,18 @@ def test_batched_nmf_prior_equals_one_clip_at_a_time():
     from stemquery.model.engines.bsmamba import nmf_prior, prior_shares
     from stemquery.model.engines.nmf import channel_magnitude
 
-    prior = nmf_prior(BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=5, nmf_prior_exemplars=8))
+    prior = nmf_prior(BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=5, nmf_prior_exemplars=8,
+                                    nmf_prior_match=True))
     generator = torch.Generator().manual_seed(0)
     mix = torch.rand(3, 2, 65, 20, generator=generator) * torch.exp(2j * torch.pi * torch.rand(3, 2, 65, 20))
     query = torch.rand(3, 2, 65, 30, generator=generator).to(torch.complex64)
     one_at_a_time = prior_shares(prior, mix, [prior.bases([channel_magnitude(q)]) for q in query])
-    batched = prior.shares(channel_magnitude(mix), prior.batch_bases(channel_magnitude(query)))
-    assert batched.shape == (3, 2, 65, 20)
-    torch.testing.assert_close(batched, one_at_a_time, rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # each example with its own query's bases
-    assert not torch.allclose(batched[:, 0], batched[:, 1], atol=1e-3)  # two kinds of bases, two shares
+    batched = prior.prior(channel_magnitude(mix), prior.batch_bases(channel_magnitude(query)))
+    assert batched.shares.shape == (3, 2, 65, 20) and batched.match.shape == (3, 20)
+    torch.testing.assert_close(batched.shares, one_at_a_time.shares, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(batched.match, one_at_a_time.match, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched.shares[0], batched.shares[1], atol=1e-3)  # each with its own query's bases
+    assert not torch.allclose(batched.shares[:, 0], batched.shares[:, 1], atol=1e-3)  # two kinds, two shares
 
 
 def test_worker_processes_draw_the_batches(tmp_path):

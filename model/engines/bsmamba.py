@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from stemquery.model.bsmamba import BSMamba, BSMambaConfig, QueryCondition
+from stemquery.model.bsmamba import BSMamba, BSMambaConfig, Prior, QueryCondition
 from stemquery.model.engines.base import Engine, StepProgress, no_progress, register_engine, shares_to_stems
 from stemquery.model.engines.nmf import NMFConfig, QueryNMF, channel_magnitude
 from stemquery.model.errors import StemqueryError
@@ -60,6 +60,7 @@ class QueryPrior:
                                       mix_iterations=config.nmf_prior_iterations, query_shifts=tuple(range(-2, 3)),
                                       max_query_frames=1000), device)
         self.exemplars = config.nmf_prior_exemplars
+        self.match = config.nmf_prior_match
 
     def bases(self, magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
         """One query's clips (each a magnitude (bins, frames)) → its bases, one tensor per share."""
@@ -77,19 +78,30 @@ class QueryPrior:
         target's share of each bin by each kind of bases (…, shares, bins, frames), 0 to 1."""
         return torch.stack([self.nmf.target_share(mix_magnitude, kind) for kind in bases], dim=-3)
 
+    @torch.no_grad()
+    def prior(self, mix_magnitude: torch.Tensor, bases: list[torch.Tensor]) -> Prior:
+        """What the network reads: the shares, and with `nmf_prior_match` how closely the exemplar share's estimate
+        of each frame matches a query frame (…, frames)."""
+        shares = self.shares(mix_magnitude, bases)
+        if not self.match:
+            return Prior(shares)
+        return Prior(shares, self.nmf.exemplar_match(shares[..., -1, :, :] * mix_magnitude.float(), bases[-1]))
+
 
 def nmf_prior(config: BSMambaConfig, device: torch.device | str = "cpu") -> QueryPrior | None:
     """The prior a model reads (None for a model without one)."""
     return QueryPrior(config, device) if config.nmf_prior_iterations else None
 
 
-def prior_shares(prior: QueryPrior, mix_specs: torch.Tensor, bases: list[list[torch.Tensor]]) -> torch.Tensor:
-    """The prior of each mix (batch, channels, bins, frames) for its own query's bases: (batch, shares, bins,
-    frames)."""
-    return torch.stack([prior.shares(channel_magnitude(spec), kinds) for spec, kinds in zip(mix_specs, bases)])
+def prior_shares(prior: QueryPrior, mix_specs: torch.Tensor, bases: list[list[torch.Tensor]]) -> Prior:
+    """The prior of each mix (batch, channels, bins, frames) for its own query's bases: shares (batch, shares,
+    bins, frames), match (batch, frames) where the model reads it."""
+    each = [prior.prior(channel_magnitude(spec), kinds) for spec, kinds in zip(mix_specs, bases)]
+    return Prior(torch.stack([p.shares for p in each]),
+                 None if each[0].match is None else torch.stack([p.match for p in each]))
 
 
-def batch_prior(prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: torch.Tensor) -> torch.Tensor | None:
+def batch_prior(prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: torch.Tensor) -> Prior | None:
     """The prior of each mix for its own query clip (both (batch, channels, bins, frames)); None without.
 
     On an accelerator, one batched decomposition for the whole batch (the same shares as one at a time: a few
@@ -99,7 +111,7 @@ def batch_prior(prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: to
         return None
     if mix_spec.device.type == "cpu":
         return prior_shares(prior, mix_spec, [prior.bases([channel_magnitude(spec)]) for spec in query_spec])
-    return prior.shares(channel_magnitude(mix_spec), prior.batch_bases(channel_magnitude(query_spec)))
+    return prior.prior(channel_magnitude(mix_spec), prior.batch_bases(channel_magnitude(query_spec)))
 
 
 def estimate_target(model: BSMamba, prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: torch.Tensor,

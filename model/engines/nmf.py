@@ -153,6 +153,17 @@ class QueryNMF:
         columns = torch.gather(magnitudes.float(), -1, frames.unsqueeze(-2).expand(*magnitudes.shape[:-1], count))
         return _normalise_columns(columns)
 
+    @staticmethod
+    def exemplar_match(estimate: torch.Tensor, exemplars: torch.Tensor) -> torch.Tensor:
+        """How closely each frame of an estimated magnitude (…, bins, frames) matches its nearest exemplar
+        (…, bins, count): the largest cosine similarity of their square-root magnitudes, (…, frames). About 1 where
+        the estimate is one of the query's own frames."""
+        def unit(m: torch.Tensor) -> torch.Tensor:
+            root = m.float().clamp(min=0).sqrt()
+            return root / (root.norm(dim=-2, keepdim=True) + 1e-8)
+
+        return (unit(exemplars).transpose(-1, -2) @ unit(estimate)).amax(dim=-2)
+
     def decompose(self, magnitude: torch.Tensor, bases: list[torch.Tensor],
                   progress: StepProgress = no_progress) -> list[torch.Tensor]:
         """The mix magnitude decomposed with every query's bases held fixed plus the free bases; returns each
