@@ -17,7 +17,6 @@ Schedulers are diffusers': DDPM's noise schedule for training, DDIM or DPM-Solve
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig
+from stemquery.model.weights_io import load_state, read_meta, save_module
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 #: The refined band gain is kept in [0, GAIN_MAX]: the refiner may remove a lot, but add back only so much.
@@ -246,19 +246,11 @@ class CorrectionGate(nn.Module):
 
 def save_refiner(refiner: LatentRefiner, path: Path, extra: dict | None = None) -> None:
     """VAE and UNet in one safetensors file, both configs in the JSON beside it."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in refiner.state_dict().items()}
-    save_file(state, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps(
-        {"vae": refiner.vae.config.to_dict(), "refiner": refiner.config.to_dict(), **(extra or {})}, indent=1))
+    save_module(refiner, path, {"vae": refiner.vae.config.to_dict(), "refiner": refiner.config.to_dict(),
+                                **(extra or {})})
 
 
 def load_refiner(path: Path, device: torch.device | str = "cpu") -> LatentRefiner:
-    from safetensors.torch import load_file
-
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = read_meta(path)
     refiner = LatentRefiner(RefinerConfig.from_dict(meta["refiner"]), TimbrePitchVAE(VAEConfig.from_dict(meta["vae"])))
-    refiner.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
-    return refiner.to(device).eval()
+    return load_state(refiner, path).to(device).eval()

@@ -10,7 +10,6 @@ Refiner loss: diffusers' DDPM objective (v-prediction) on the target's latent, o
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner
 from stemquery.model.stft import STFT
 from stemquery.model.training_loop import RunConfig, TrainingRun, load_partial
 from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, load_vae, pad_frames
+from stemquery.model.weights_io import read_meta
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def load_vae_checkpoint(path: Path) -> TimbrePitchVAE:
     refiner weights (their `vae.*`), so a refiner can be trained on a new machine from what is committed."""
     path = Path(path)
     if path.suffix != ".pt":
-        if json.loads(path.with_suffix(".json").read_text()).get("kind") == "vae":
+        if read_meta(path).get("kind") == "vae":
             return load_vae(path)
         return load_refiner(path).vae
     state = torch.load(path, map_location="cpu", weights_only=False)

@@ -14,7 +14,6 @@ separator's complex estimate (see `refiner.py`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from stemquery.model.bands import musical_bands
+from stemquery.model.weights_io import load_state, read_meta, save_module
 
 #: log10 magnitude → feature: (log10(|X|) − OFFSET) / SCALE keeps audio in about [−1, 1.5]; the floor is −1.
 LOG_OFFSET, LOG_SCALE = -1.0, 2.0
@@ -154,18 +154,8 @@ class TimbrePitchVAE(nn.Module):
 
 def save_vae(vae: TimbrePitchVAE, path: Path, extra: dict | None = None) -> None:
     """A VAE on its own (before a refiner is trained over it): safetensors, and its config in the JSON beside."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(state, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps({"kind": "vae", "vae": vae.config.to_dict(), **(extra or {})},
-                                                    indent=1))
+    save_module(vae, path, {"kind": "vae", "vae": vae.config.to_dict(), **(extra or {})})
 
 
 def load_vae(path: Path) -> TimbrePitchVAE:
-    from safetensors.torch import load_file
-
-    vae = TimbrePitchVAE(VAEConfig.from_dict(json.loads(path.with_suffix(".json").read_text())["vae"]))
-    vae.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
-    return vae.eval()
+    return load_state(TimbrePitchVAE(VAEConfig.from_dict(read_meta(path)["vae"])), path).eval()

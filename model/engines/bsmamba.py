@@ -2,7 +2,6 @@
 followed by the latent diffusion refiner (`refine=True`)."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from stemquery.model.engines.nmf import NMFConfig, QueryNMF, channel_magnitude
 from stemquery.model.errors import StemqueryError
 from stemquery.model.parallel import SliceParallel
 from stemquery.model.stft import STFT
+from stemquery.model.weights_io import load_state, read_meta, save_module
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,12 @@ def weights_paths(name: str = WEIGHTS_NAME, folder: Path | None = None) -> tuple
 
 def save_weights(model: BSMamba, path: Path, extra: dict | None = None) -> None:
     """Weights as safetensors + the config (and provenance) as JSON beside them."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps({"config": model.config.to_dict(), **(extra or {})}, indent=1))
+    save_module(model, path, {"config": model.config.to_dict(), **(extra or {})})
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> BSMamba:
-    from safetensors.torch import load_file
-
-    meta = json.loads(path.with_suffix(".json").read_text())
-    model = BSMamba(BSMambaConfig.from_dict(meta["config"]))
-    model.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
-    return model.to(device).eval()
+    model = BSMamba(BSMambaConfig.from_dict(read_meta(path)["config"]))
+    return load_state(model, path).to(device).eval()
 
 
 class QueryPrior:
