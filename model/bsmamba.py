@@ -73,6 +73,11 @@ class BSMambaConfig:
     #: query's own frames (`Prior.match`, `NMFPrior.match_features`): near-identical where the query is the very
     #: sound in the mix, only alike where it is another passage or another recording (bsmamba-v8).
     nmf_prior_match: bool = False
+    #: With the match: both gates also read how closely the learned share's estimate and the mix itself match the
+    #: query's frames (`Prior.sources`, `NMFPrior.source_features`). The mix's own match tells a query cut from this
+    #: mix (it matches the rest too) from the clean target; the learned share's tells where it is the better one, which
+    #: v8's first gate could not see (it shut to 0.14 on the README example, where that share was the best; v9).
+    nmf_prior_match_sources: bool = False
     #: Scan chunk (the weights do not depend on it): 32 is the fastest on CPU for training and inference alike
     #: (docs/performance.md).
     chunk: int = 32
@@ -82,6 +87,8 @@ class BSMambaConfig:
             raise ValueError("nmf_prior_exemplars needs the NMF prior (nmf_prior_iterations > 0)")
         if self.nmf_prior_match and not self.nmf_prior_exemplars:
             raise ValueError("nmf_prior_match needs the exemplar share (nmf_prior_exemplars > 0)")
+        if self.nmf_prior_match_sources and not self.nmf_prior_match:
+            raise ValueError("nmf_prior_match_sources needs the exemplar match (nmf_prior_match)")
 
     @property
     def prior_shares(self) -> int:
@@ -143,6 +150,8 @@ AGREEMENT_STATISTICS = 3
 
 #: The exemplar gate's match inputs (`NMFPrior.match_features`): per frame and over the case.
 MATCH_STATISTICS = 2
+#: Whose frame match every gate reads with `nmf_prior_match_sources` (`NMFPrior.source_features`), in this order.
+MATCH_SOURCES = ("exemplar share", "learned share", "mix")
 #: Cosine similarities of matching frames crowd just below 1: −log(1 − cos) spreads them out, and this centre and
 #: scale put 0.94 (about where, on 48 val_unseen cases, the exemplar share starts to beat the mask before it) at 0
 #: and 0.70 … 0.99 at about −2 … +2.3.
@@ -152,10 +161,13 @@ MATCH_CENTRE, MATCH_SCALE = 2.8, 0.8
 class Prior(NamedTuple):
     """What the query-NMF prior gives the network (`engines.bsmamba.QueryPrior.prior`): each kind of bases' share
     of every bin, and with `nmf_prior_match` how closely the exemplar share's estimate of each frame matches its
-    nearest query frame (cosine similarity of square-root magnitudes)."""
+    nearest query frame (cosine similarity of square-root magnitudes); with `nmf_prior_match_sources` also the
+    learned share's estimate's and the mix's."""
 
     shares: torch.Tensor  # (batch, shares, bins, frames), 0 to 1
     match: torch.Tensor | None = None  # (batch, frames), −1 to 1
+    #: with `nmf_prior_match_sources`: the same for the learned share's estimate and for the mix itself
+    sources: torch.Tensor | None = None  # (batch, 2, frames), −1 to 1
 
 
 def relative_log_power(spec: torch.Tensor) -> torch.Tensor:
@@ -223,7 +235,7 @@ class NMFPrior(nn.Module):
     docs/results.md, session 9)."""
 
     def __init__(self, bands: list[tuple[int, int]], dim: int, *, confidence: bool = False,
-                 gate_start: float = 0.5, match: bool = False) -> None:
+                 gate_start: float = 0.5, match: bool = False, sources: bool = False) -> None:
         super().__init__()
         self.bands = bands
         self.inputs = nn.ModuleList(nn.Linear(stop - start, dim) for start, stop in bands)
@@ -242,6 +254,9 @@ class NMFPrior(nn.Module):
         # per band, the weights of the match inputs in the gate's logit: zero, so a model without them starts
         # unchanged
         self.match_weight = nn.Parameter(torch.zeros(len(bands), MATCH_STATISTICS)) if match else None
+        # per band, the weights of every source's match (`source_features`): zero, as above
+        self.source_weight = nn.Parameter(torch.zeros(len(bands), MATCH_STATISTICS * len(MATCH_SOURCES))) \
+            if sources else None
         self.register_buffer("band_of_bin", torch.cat([torch.full((stop - start,), index)
                                                        for index, (start, stop) in enumerate(bands)]),
                              persistent=False)
@@ -252,14 +267,15 @@ class NMFPrior(nn.Module):
                             for (start, stop), linear in zip(self.bands, self.inputs)], dim=1)
 
     def blend(self, mask: torch.Tensor, share: torch.Tensor, x: torch.Tensor, power: torch.Tensor,
-              match: torch.Tensor | None = None) -> torch.Tensor:
+              match: torch.Tensor | None = None, sources: torch.Tensor | None = None) -> torch.Tensor:
         """Complex mask (b, c, f, t), share (b, f, t), features (b, k, t, d), the mix's power (b, f, t) and, for a
-        gate with match weights, the share's frame match (b, t) → the blended complex mask."""
-        gate = self.gate(mask, share, x, power, match)[:, self.band_of_bin][:, None]  # (b, 1, f, t)
+        gate with match weights, the share's frame match (b, t), for one with source weights every source's
+        (b, len(MATCH_SOURCES), t) → the blended complex mask."""
+        gate = self.gate(mask, share, x, power, match, sources)[:, self.band_of_bin][:, None]  # (b, 1, f, t)
         return mask * (1 - gate) + share[:, None].float() * gate
 
     def gate(self, mask: torch.Tensor, share: torch.Tensor, x: torch.Tensor, power: torch.Tensor,
-             match: torch.Tensor | None = None) -> torch.Tensor:
+             match: torch.Tensor | None = None, sources: torch.Tensor | None = None) -> torch.Tensor:
         """The share's weight g in the blend, per band and frame (b, k, t)."""
         logit = torch.einsum("bktd,kd->bkt", self.gate_norm(x).float(), self.gate_weight) + self.gate_bias[:, None]
         if self.confidence is not None:
@@ -272,7 +288,36 @@ class NMFPrior(nn.Module):
             if match is None:
                 raise ValueError("this model's exemplar gate reads the frame match: pass a Prior with match")
             logit = logit + torch.einsum("btm,km->bkt", self.match_features(match, share, power), self.match_weight)
+        if self.source_weight is not None:
+            if sources is None:
+                raise ValueError("this model's gates read every source's frame match: pass a Prior with sources")
+            logit = logit + torch.einsum("btm,km->bkt", self.source_features(sources, power), self.source_weight)
         return torch.sigmoid(logit)
+
+    @staticmethod
+    def match_score(match: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities, spread out by −log(1 − cos) and centred (`MATCH_CENTRE`, `MATCH_SCALE`)."""
+        return ((-torch.log1p(-match.float().clamp(-1.0, 1.0 - 1e-4)) - MATCH_CENTRE) / MATCH_SCALE).clamp(-4, 4)
+
+    @staticmethod
+    def weighted_mean(score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per-frame scores (…, t) → their mean over the case weighted by (…, t), expanded back to (…, t)."""
+        weight = weight + 1e-12
+        return ((score * weight).sum(dim=-1, keepdim=True) / weight.sum(dim=-1, keepdim=True)).expand_as(score)
+
+    @classmethod
+    @torch.no_grad()
+    def source_features(cls, sources: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+        """Every source's frame match (b, len(MATCH_SOURCES), t) → (b, t, MATCH_STATISTICS · sources): each
+        frame's score and the case's mean weighted by the mix's power, source by source.
+
+        Why the mix's own match: on the session-13 diagnostic the exemplar share lost most where the query was a
+        region of this very mix (mixture_region: v8 −0.89 dB on test against v6's +0.25). There the exemplars
+        hold the rest of the mix as well, and the mix matches them almost as closely as the share's estimate does
+        (0.87 against 0.91); with the clean target as the query it does not (0.79 against 0.96)."""
+        score = cls.match_score(sources)
+        case = cls.weighted_mean(score, power.float().sum(dim=1)[:, None])
+        return rearrange(torch.stack([score, case], dim=-1), "b s t m -> b t (s m)")
 
     @staticmethod
     @torch.no_grad()
@@ -286,10 +331,8 @@ class NMFPrior(nn.Module):
         cosine correlated with the exemplar share's advantage over the mask before it at r = 0.83 (v7's gate:
         0.70), and above or below 0.93 it told which of the two was better in 90 % of the cases
         (docs/results.md, session 13)."""
-        score = ((-torch.log1p(-match.float().clamp(-1.0, 1.0 - 1e-4)) - MATCH_CENTRE) / MATCH_SCALE).clamp(-4, 4)
-        weight = (share.float() * power.float()).sum(dim=1) + 1e-12  # (b, t)
-        case = (score * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True)
-        return torch.stack([score, case.expand_as(score)], dim=-1)
+        score = NMFPrior.match_score(match)
+        return torch.stack([score, NMFPrior.weighted_mean(score, (share.float() * power.float()).sum(dim=1))], dim=-1)
 
     @torch.no_grad()
     def agreement(self, network: torch.Tensor, share: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
@@ -384,12 +427,14 @@ class BSMamba(nn.Module):
         self.query_frame_mlp = nn.Sequential(nn.RMSNorm(config.dim), nn.Linear(config.dim, 2 * config.dim), nn.SiLU(),
                                              nn.Linear(2 * config.dim, config.dim)) if config.match_heads else None
         self.mask = MaskEstimator(self.bands, config.channels, config.dim)
-        self.prior = NMFPrior(self.bands, config.dim, confidence=config.nmf_prior_confidence) \
+        sources = config.nmf_prior_match_sources
+        self.prior = NMFPrior(self.bands, config.dim, confidence=config.nmf_prior_confidence, sources=sources) \
             if config.nmf_prior_iterations else None
         # The exemplar share is blended in after the first, starting nearly shut: a model trained without it starts
         # out close to what it was.
         self.exemplar_prior = NMFPrior(self.bands, config.dim, confidence=config.nmf_prior_confidence,
-                                       gate_start=EXEMPLAR_GATE_START, match=config.nmf_prior_match) \
+                                       gate_start=EXEMPLAR_GATE_START, match=config.nmf_prior_match,
+                                       sources=sources) \
             if config.nmf_prior_exemplars else None
 
     def embed_queries(self, query_specs: list[torch.Tensor]) -> QueryCondition:
@@ -415,8 +460,8 @@ class BSMamba(nn.Module):
         return (relative_log_power(spec) - profile[..., None])[:, None]  # (b, 1, f, t)
 
     def forward(self, mix_spec: torch.Tensor, query: QueryCondition, *, prior: Prior | torch.Tensor | None = None,
-                parallel: SliceParallel | None = None,
-                progress: Callable[[float], None] | None = None) -> torch.Tensor:
+                parallel: SliceParallel | None = None, progress: Callable[[float], None] | None = None,
+                stages: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Complex mix STFT (batch, channels, bins, frames) → complex target STFT, same shape.
 
         Each band's input holds, per bin, how far the mix's relative log power is above the query's long-term
@@ -426,8 +471,9 @@ class BSMamba(nn.Module):
         `nmf_prior_iterations`: a `Prior`, or its shares alone (batch, shares, bins, frames), or one share
         (batch, bins, frames); with `nmf_prior_match`, a `Prior` with its match.
         `parallel` runs the per-band maps and the sequence layers slice by slice on worker threads (CPU inference:
-        `model/parallel.py`); `progress(fraction)` is told after each block, so a long segment reports as it goes."""
-        priors = self._priors(prior)
+        `model/parallel.py`); `progress(fraction)` is told after each block, so a long segment reports as it goes.
+        `stages`, if given, receives the target estimate after each blend but the last (training's `stage_loss`)."""
+        priors, sources = self._priors(prior)
         x = self.split(mix_spec, self.match_cue(mix_spec, query.profile), parallel)
         for module, share, _ in priors:
             x = x + module.features(share, x.dtype)
@@ -437,25 +483,36 @@ class BSMamba(nn.Module):
                 progress((index + 1) / (len(self.blocks) + 1))
         mask = self.mask(x, parallel)
         power = mix_spec.abs().pow(2).mean(dim=1) if priors else None
-        for module, share, match in priors:
-            mask = module.blend(mask, share, x, power, match)
+        for index, (module, share, match) in enumerate(priors):
+            mask = module.blend(mask, share, x, power, match, sources)
+            if stages is not None and index < len(priors) - 1:
+                stages.append(mask * mix_spec)
         return mask * mix_spec
 
-    def _priors(self, prior: Prior | torch.Tensor | None) -> list[tuple[NMFPrior, torch.Tensor, torch.Tensor | None]]:
+    def _priors(self, prior: Prior | torch.Tensor | None
+                ) -> tuple[list[tuple[NMFPrior, torch.Tensor, torch.Tensor | None]], torch.Tensor | None]:
         """Each prior module with its share and frame match (None but for the exemplar share with
-        `nmf_prior_match`), checked against the config."""
+        `nmf_prior_match`), and every source's match (b, len(MATCH_SOURCES), t) with `nmf_prior_match_sources`
+        (else None), checked against the config."""
         expected = self.config.prior_shares
         if (prior is None) != (expected == 0):
             raise ValueError("this model takes an NMF prior" if prior is None else "this model takes no NMF prior")
         if prior is None:
-            return []
-        shares, match = prior if isinstance(prior, Prior) else (prior, None)
+            return [], None
+        shares, match, sources = prior if isinstance(prior, Prior) else (prior, None, None)
         shares = shares[:, None] if shares.dim() == 3 else shares
         if shares.shape[1] != expected:
             raise ValueError(f"this model takes {expected} NMF share(s), got {shares.shape[1]}")
         if self.config.nmf_prior_match and match is None:
             raise ValueError("this model reads the exemplar share's frame match: pass a Prior with match "
                              "(engines.bsmamba.QueryPrior.prior)")
+        if self.config.nmf_prior_match_sources:
+            if sources is None:
+                raise ValueError("this model reads the learned share's and the mix's frame match too: pass a Prior "
+                                 "with sources (engines.bsmamba.QueryPrior.prior)")
+            sources = torch.cat([match[:, None], sources], dim=1)
+        else:
+            sources = None
         modules = [self.prior] + ([self.exemplar_prior] if self.exemplar_prior is not None else [])
         matches = [None] * (expected - 1) + [match if self.config.nmf_prior_match else None]
-        return list(zip(modules, shares.unbind(dim=1), matches))
+        return list(zip(modules, shares.unbind(dim=1), matches)), sources

@@ -68,6 +68,15 @@ class SeparatorTrainConfig(RunConfig):
     #: network's rate, bsmamba-v4's gate stayed within 0.45-0.52 on 80 % of the shipped example's band-frames after
     #: 400 steps: a plain average, not the learned confidence it is meant to be (docs/results.md, session 9).
     prior_lr_scale: float = 1.0
+    #: Train only the parameters whose names contain one of these (empty: all); the rest stay frozen, and with
+    #: only the gates trainable a step needs no backward pass through the network (bsmamba-v9g: the gates' choice
+    #: among fixed candidates, apart from the candidates getting better).
+    trainable: tuple[str, ...] = ()
+    #: Weight of the same separation loss on the estimate after each blend but the last (0: off). Without it the
+    #: learned share's gate learns only where the exemplar gate after it is shut (its gradient is scaled by
+    #: 1 − that gate), so where the exemplars are trusted it stays shut even when the learned share is the better one
+    #: (0.15 on the README example in v8 and v9g, where that share alone is 1 dB above the exemplar share).
+    stage_loss: float = 0.0
     #: Processes that draw the training triples (0: drawn in the training process, one batch per step, the
     #: random stream fixed by the seed). On an accelerator the step is faster than one CPU core draws a batch;
     #: each worker then draws whole batches from a stream of its own (seed, resume step, worker).
@@ -165,7 +174,7 @@ class SeparatorTrainer(TrainingRun):
         model = BSMamba(config.model)
         if config.init_weights:
             load_partial(model, config.init_weights, added=ADDED_SINCE_V2)
-        super().__init__(config, model, list(model.parameters()),
+        super().__init__(config, model, self._trainable(model, config.trainable),
                          lr_scales={"prior.": config.prior_lr_scale, "exemplar_prior.": config.prior_lr_scale})
         self.stft = STFT(config.model.n_fft, config.model.hop)
         self.prior = nmf_prior(config.model, self.device)
@@ -192,6 +201,20 @@ class SeparatorTrainer(TrainingRun):
             tensors, infos = stack_triples(triples), [t.info for t in triples]
         return tuple(t.to(self.device, non_blocking=True) for t in tensors), infos
 
+    @staticmethod
+    def _trainable(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
+        """The parameters to train (`trainable`); the others are frozen (requires_grad off)."""
+        if not names:
+            return list(model.parameters())
+        chosen = [p for name, p in model.named_parameters() if any(part in name for part in names)]
+        if not chosen:
+            raise ValueError(f"trainable {list(names)} names none of the model's parameters")
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(any(part in name for part in names))
+        log.info("training %d of %d parameter tensors (%s)", len(chosen), len(list(model.parameters())),
+                 ", ".join(names))
+        return chosen
+
     def loss(self) -> torch.Tensor:
         (mixture, target, query), infos = self._next_batch()
         mix_spec, query_spec = self.stft.forward(mixture), self.stft.forward(query)
@@ -201,8 +224,12 @@ class SeparatorTrainer(TrainingRun):
             if self.config.query_embedding_dropout > 0:
                 keep = torch.rand(len(infos), device=self.device) >= self.config.query_embedding_dropout
                 condition = condition._replace(embedding=condition.embedding * keep[:, None].to(condition.embedding))
-            estimate = self.model(mix_spec, condition, prior=prior)
+            stages = [] if self.config.stage_loss else None
+            estimate = self.model(mix_spec, condition, prior=prior, stages=stages)
         loss = separation_loss(estimate.to(torch.complex64), target, mixture, self.stft, self.config.level_loss)
+        for stage in stages or []:
+            loss = loss + self.config.stage_loss * separation_loss(stage.to(torch.complex64), target, mixture,
+                                                                   self.stft, self.config.level_loss)
         present = [i for i, info in enumerate(infos) if not info["absent"]]
         if self.config.query_contrastive > 0 and len(present) > 1:
             self.terms.setdefault("separation", []).append(float(loss.detach()))

@@ -96,7 +96,8 @@ def test_nmf_prior_starts_as_the_average_of_the_network_and_nmf(tmp_path, confid
 
 def test_exemplar_share_starts_nearly_shut_and_is_checked(tmp_path):
     """The exemplar share (`nmf_prior_exemplars`) joins a model with the prior as a second blend that starts at
-    `EXEMPLAR_GATE_START`: a model without it fine-tunes from where it was. The number of shares is checked."""
+    `EXEMPLAR_GATE_START`: a model without it fine-tunes from where it was. The number of shares is checked, and
+    `stages` receives the estimate between the two blends."""
     from stemquery.model.bsmamba import EXEMPLAR_GATE_START
 
     one, two, mix, query = upgraded_from_shipped(tmp_path, nmf_prior_iterations=5, nmf_prior_confidence=True,
@@ -105,9 +106,12 @@ def test_exemplar_share_starts_nearly_shut_and_is_checked(tmp_path):
     shares = torch.rand(1, 2, mix.shape[2], mix.shape[3])
     with torch.no_grad():
         before = one(mix, one.embed_queries([query]), prior=shares[:, 0])
-        after = two(mix, two.embed_queries([query]), prior=shares)
+        stages = []
+        after = two(mix, two.embed_queries([query]), prior=shares, stages=stages)
         start = EXEMPLAR_GATE_START
         torch.testing.assert_close(after, (1 - start) * before + start * shares[:, 1, None] * mix)
+        assert len(stages) == 1  # the estimate after the first blend (training's `stage_loss`): the old model's
+        torch.testing.assert_close(stages[0], before)
         with pytest.raises(ValueError, match="takes 2 NMF share"):
             two(mix, two.embed_queries([query]), prior=shares[:, 0])
     with pytest.raises(ValueError, match="needs the NMF prior"):
@@ -142,6 +146,45 @@ def test_exemplar_match_starts_unchanged_and_reads_the_frames(tmp_path):
     estimate = torch.cat([3.0 * exemplars[:, 2:3], torch.rand(65, 1, generator=torch.Generator().manual_seed(3))], 1)
     match = QueryNMF.exemplar_match(estimate, exemplars)
     assert match[0] == pytest.approx(1.0, abs=1e-5) and match[1] < 0.99
+
+
+def test_source_matches_start_unchanged_and_move_both_gates(tmp_path):
+    """`nmf_prior_match_sources`: both gates' source weights start at zero, so a v8-style model gains them
+    unchanged; once weighted, the mix's own match moves both gates, and the matches are required. The engine's
+    prior gives the mix's match as 1 where the mix is one of the query's frames."""
+    from stemquery.model.bsmamba import Prior
+    from stemquery.model.engines.bsmamba import nmf_prior
+    from stemquery.model.engines.nmf import channel_magnitude
+
+    base = dict(nmf_prior_iterations=5, nmf_prior_confidence=True, nmf_prior_exemplars=8, nmf_prior_match=True)
+    old, new, mix, query = upgraded_from_shipped(tmp_path, **base, nmf_prior_match_sources=True, base=base)
+    frames = mix.shape[3]
+    shares = torch.rand(1, 2, mix.shape[2], frames, generator=torch.Generator().manual_seed(1))
+    match = torch.full((1, frames), 0.95)
+    alike, unlike = torch.full((1, 2, frames), 0.99), torch.full((1, 2, frames), 0.6)
+    with torch.no_grad():
+        before = old(mix, old.embed_queries([query]), prior=Prior(shares, match))
+        torch.testing.assert_close(new(mix, new.embed_queries([query]), prior=Prior(shares, match, alike)), before)
+        with pytest.raises(ValueError, match="mix's frame match"):
+            new(mix, new.embed_queries([query]), prior=Prior(shares, match))
+        outputs = []
+        for module in (new.prior, new.exemplar_prior):
+            module.source_weight.zero_()
+            module.source_weight[:, 4:].fill_(-1.0)  # the mix's match, per frame and over the case
+        for sources in (alike, unlike):
+            gates = [module.gate(torch.ones_like(mix), shares[:, i], torch.zeros(1, len(new.bands), frames, 16),
+                                 mix.abs().pow(2).mean(dim=1), match, torch.cat([match[:, None], sources], 1))
+                     for i, module in enumerate((new.prior, new.exemplar_prior))]
+            outputs.append([float(g.mean()) for g in gates])
+        assert all(shut < open_ - 0.3 for shut, open_ in zip(*outputs))  # a mix like the query shuts both
+    with pytest.raises(ValueError, match="needs the exemplar match"):
+        BSMambaConfig(**TINY, **{**base, "nmf_prior_match": False}, nmf_prior_match_sources=True)
+    prior = nmf_prior(new.config)
+    magnitude = channel_magnitude(mix[0])
+    itself = prior.prior(magnitude, prior.bases([magnitude]))
+    other = prior.prior(magnitude, prior.bases([channel_magnitude(query[0])]))
+    assert itself.sources.shape == (2, frames)
+    assert float(itself.sources[1].max()) > 0.999 > float(other.sources[1].max())  # the mix's frames are exemplars
 
 
 def test_exemplars_are_the_clips_loud_frames_and_match_the_very_sound(two_sources):

@@ -130,6 +130,28 @@ def test_new_paths_fine_tune_from_weights_without_them(tmp_path, added):
         assert groups[10.0]["lr"] == pytest.approx(10 * groups[1.0]["lr"]) and groups[1.0]["lr"] > 0
 
 
+def test_trainable_trains_the_named_gates_alone(tmp_path):
+    """`trainable`: a run of a model whose gates read every source's match (bsmamba-v9g; with the loss on the
+    estimate between the blends too, v9s) changes the gates' parameters and leaves every other one as it started;
+    a name that matches nothing is refused."""
+    corpus = make_corpus(tmp_path / "corpus")
+    gates = ("prior.gate", "prior.match_weight", "prior.source_weight")
+    config = SeparatorTrainConfig(run_dir=tmp_path / "run", train_corpus=corpus, val_set=tmp_path / "none",
+                                  batch=2, segment_s=1.0, query_s=1.0, max_steps=2, log_every=1, warmup_steps=1,
+                                  validate_every=100, trainable=gates, prior_lr_scale=10.0, stage_loss=1.0,
+                                  model=BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=3,
+                                                      nmf_prior_confidence=True, nmf_prior_exemplars=8,
+                                                      nmf_prior_match=True, nmf_prior_match_sources=True))
+    trainer = SeparatorTrainer(config)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(any(part in k for part in gates) for k in changed)
+    assert any("source_weight" in k for k in changed) and any(k.startswith("exemplar_prior.") for k in changed)
+    with pytest.raises(ValueError, match="names none"):
+        SeparatorTrainer(dataclasses.replace(config, trainable=("nothing.",)))
+
+
 def test_query_contrastive_loss_rewards_matching_and_spares_same_instrument():
     rng = np.random.default_rng(0)
     embeddings = torch.from_numpy(rng.standard_normal((4, 32))).float()
@@ -241,15 +263,17 @@ def test_batched_nmf_prior_equals_one_clip_at_a_time():
     from stemquery.model.engines.nmf import channel_magnitude
 
     prior = nmf_prior(BSMambaConfig(**TINY_SEPARATOR, nmf_prior_iterations=5, nmf_prior_exemplars=8,
-                                    nmf_prior_match=True))
+                                    nmf_prior_match=True, nmf_prior_match_sources=True))
     generator = torch.Generator().manual_seed(0)
     mix = torch.rand(3, 2, 65, 20, generator=generator) * torch.exp(2j * torch.pi * torch.rand(3, 2, 65, 20))
     query = torch.rand(3, 2, 65, 30, generator=generator).to(torch.complex64)
     one_at_a_time = prior_shares(prior, mix, [prior.bases([channel_magnitude(q)]) for q in query])
     batched = prior.prior(channel_magnitude(mix), prior.batch_bases(channel_magnitude(query)))
     assert batched.shares.shape == (3, 2, 65, 20) and batched.match.shape == (3, 20)
+    assert batched.sources.shape == (3, 2, 20)
     torch.testing.assert_close(batched.shares, one_at_a_time.shares, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(batched.match, one_at_a_time.match, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.sources, one_at_a_time.sources, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(batched.shares[0], batched.shares[1], atol=1e-3)  # each with its own query's bases
     assert not torch.allclose(batched.shares[:, 0], batched.shares[:, 1], atol=1e-3)  # two kinds, two shares
 

@@ -52,6 +52,7 @@ class QueryPrior:
                                       max_query_frames=1000), device)
         self.exemplars = config.nmf_prior_exemplars
         self.match = config.nmf_prior_match
+        self.match_sources = config.nmf_prior_match_sources
 
     def bases(self, magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
         """One query's clips (each a magnitude (bins, frames)) → its bases, one tensor per share."""
@@ -72,11 +73,17 @@ class QueryPrior:
     @torch.no_grad()
     def prior(self, mix_magnitude: torch.Tensor, bases: list[torch.Tensor]) -> Prior:
         """What the network reads: the shares, and with `nmf_prior_match` how closely the exemplar share's estimate
-        of each frame matches a query frame (…, frames)."""
+        of each frame matches a query frame (…, frames); with `nmf_prior_match_sources` also the learned share's
+        estimate and the mix itself (…, 2, frames)."""
         shares = self.shares(mix_magnitude, bases)
         if not self.match:
             return Prior(shares)
-        return Prior(shares, self.nmf.exemplar_match(shares[..., -1, :, :] * mix_magnitude.float(), bases[-1]))
+        magnitude = mix_magnitude.float()
+        estimates = [shares[..., -1, :, :] * magnitude]
+        if self.match_sources:
+            estimates += [shares[..., 0, :, :] * magnitude, magnitude]
+        matches = self.nmf.exemplar_match(torch.stack(estimates, dim=-3), bases[-1][..., None, :, :])
+        return Prior(shares, matches[..., 0, :], matches[..., 1:, :] if self.match_sources else None)
 
 
 def nmf_prior(config: BSMambaConfig, device: torch.device | str = "cpu") -> QueryPrior | None:
@@ -88,8 +95,7 @@ def prior_shares(prior: QueryPrior, mix_specs: torch.Tensor, bases: list[list[to
     """The prior of each mix (batch, channels, bins, frames) for its own query's bases: shares (batch, shares,
     bins, frames), match (batch, frames) where the model reads it."""
     each = [prior.prior(channel_magnitude(spec), kinds) for spec, kinds in zip(mix_specs, bases)]
-    return Prior(torch.stack([p.shares for p in each]),
-                 None if each[0].match is None else torch.stack([p.match for p in each]))
+    return Prior(*(None if parts[0] is None else torch.stack(parts) for parts in zip(*each)))
 
 
 def batch_prior(prior: QueryPrior | None, mix_spec: torch.Tensor, query_spec: torch.Tensor) -> Prior | None:
