@@ -79,16 +79,24 @@ def kl_nmf(
     V (..., bins, frames), W (..., bins, rank), H (..., rank, frames): leading dimensions are a batch of
     independent decompositions (the separator's prior runs a training batch's in one go, a few large products
     instead of many small ones). Only the free bases' update is computed, and its denominator (a matrix of ones
-    times Hᵀ in the textbook form) is H's row sums: four matrix products an iteration where the textbook form has
-    five, the last one smaller (on a minute of audio, about 40 % faster; the same result up to rounding)."""
+    times Hᵀ in the textbook form) is H's row sums. The fixed bases' part of W H is computed once an iteration,
+    after the H update, and serves both that iteration's W update and the next one's H update (rescaling W and H
+    to keep the scale in H leaves it unchanged): two large products an iteration where the textbook form has five
+    (the same result up to rounding)."""
+    def fixed_part(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return w[..., :fixed_columns] @ h[..., :fixed_columns, :]
+
+    approx_fixed = fixed_part(w, h)
     for iteration in range(iterations):
         if iteration % 5 == 0:
             progress(iteration / iterations)
-        ratio = torch.div(v, (w @ h).add_(EPS))
+        w_free = w[..., fixed_columns:]
+        ratio = torch.div(v, (w_free @ h[..., fixed_columns:, :]).add_(approx_fixed).add_(EPS))
         h = h * (w.mT @ ratio).div_(w.sum(dim=-2).unsqueeze(-1) + EPS)
+        approx_fixed = fixed_part(w, h)
         free = h[..., fixed_columns:, :]
-        ratio = torch.div(v, (w @ h).add_(EPS))
-        w_free = w[..., fixed_columns:] * (ratio @ free.mT).div_(free.sum(dim=-1).unsqueeze(-2) + EPS)
+        ratio = torch.div(v, (w_free @ free).add_(approx_fixed).add_(EPS))
+        w_free = w_free * (ratio @ free.mT).div_(free.sum(dim=-1).unsqueeze(-2) + EPS)
         w = torch.cat([w[..., :fixed_columns], w_free], dim=-1)
         # Keep the scale in H, not W, so the fixed and free bases stay comparable.
         norms = w.sum(dim=-2, keepdim=True) + EPS
