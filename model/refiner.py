@@ -125,10 +125,15 @@ class LatentRefiner(nn.Module):
         return (self.denoise(noisy, timestep, z_mix, z_estimate, timbre) - goal).pow(2).mean()
 
     def refinement_loss(self, z_mix: torch.Tensor, z_estimate: torch.Tensor, timbre: torch.Tensor,
-                        estimate_spec: torch.Tensor, target_spec: torch.Tensor) -> torch.Tensor:
+                        estimate_spec: torch.Tensor, target_spec: torch.Tensor, *,
+                        gate_open: bool = False) -> torch.Tensor:
         """Negative SNR (dB, STFT domain, mean over the batch) of the estimate refined in one sampler step at the
         configured strength: the path inference takes, trained end to end through the UNet, the frozen VAE's
-        decodings and the gate. The denoising loss alone left that path worse than the estimate (refiner-v1)."""
+        decodings and the gate. The denoising loss alone left that path worse than the estimate (refiner-v1).
+
+        `gate_open` applies the correction in full (the gate bypassed and untrained): a run that starts this way
+        makes the UNet learn a correction worth applying before the gate may learn to shut (refiner-v3's gate
+        shut within 250 steps and left the correction untrained)."""
         timestep = self.one_step_timestep(self.config.strength)
         start = torch.zeros_like(z_estimate) if self.config.residual else z_estimate
         t = torch.full((len(start),), timestep, device=start.device, dtype=torch.long)
@@ -137,8 +142,8 @@ class LatentRefiner(nn.Module):
         if self.config.residual:
             latent = z_estimate + latent
         frames = estimate_spec.shape[-1]
-        refined = self.apply_gain(estimate_spec, self.latent_gain(latent, z_estimate, frames), 1.0,
-                                  self.gate_of(z_mix, z_estimate, latent, frames))
+        gate = None if gate_open else self.gate_of(z_mix, z_estimate, latent, frames)
+        refined = self.apply_gain(estimate_spec, self.latent_gain(latent, z_estimate, frames), 1.0, gate)
         error = (refined - target_spec).abs().pow(2).sum(dim=(1, 2, 3))
         energy = target_spec.abs().pow(2).sum(dim=(1, 2, 3))
         # Capped at SNR_CAP_DB: an estimate already near perfect stops pulling the batch's gradient to itself.

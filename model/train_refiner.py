@@ -54,8 +54,18 @@ class RefinerTrainConfig(RunConfig):
     separator_weights: Path = Path("model/weights/bsmamba-v6")
     #: Shipped refiner weights to start from (parts they lack, such as the gate, keep their initialisation).
     init_weights: Path | None = None
+    #: Parameters whose names start with one of these keep their initialisation rather than `init_weights`'
+    #: (e.g. "gate." to start a shut gate half open again).
+    init_skip: tuple[str, ...] = ()
     #: Weight of the one-step refinement loss (`LatentRefiner.refinement_loss`, dB) beside the denoising loss.
     refine_weight: float = 0.0
+    #: Weight of the denoising (DDPM) loss. 0 trains the UNet by the one-step refinement loss alone: a
+    #: deterministic-in-spirit one-step corrector (the denoising objective has produced no useful correction in
+    #: three runs), which then serves only the one-step sampler the shipped default uses.
+    denoise_weight: float = 1.0
+    #: For this many steps the refinement loss applies the correction in full (the gate bypassed), so the UNet
+    #: learns a correction worth applying before the gate may learn to leave it out.
+    gate_open_steps: int = 0
     segment_s: float = 3.0
     query_s: float = 3.0
     val_cases: int = 12
@@ -63,6 +73,8 @@ class RefinerTrainConfig(RunConfig):
     model: RefinerConfig = field(default_factory=RefinerConfig)
 
     def __post_init__(self) -> None:
+        if self.denoise_weight <= 0 and self.refine_weight <= 0:
+            raise ValueError("denoise_weight and refine_weight are both 0: nothing would train the UNet")
         if self.model.gate and self.refine_weight <= 0:
             raise ValueError("the refiner's gate learns only from the one-step refinement loss: with gate = true, "
                              "set refine_weight above 0 (model/configs/refiner.toml uses 1.0)")
@@ -195,7 +207,7 @@ class RefinerTrainer(TrainingRun):
             log.info("VAE latent channel std over training targets: %s", config.model.latent_std)
         model = LatentRefiner(config.model, vae)
         if config.init_weights:
-            load_partial(model, config.init_weights, added=("gate.",))
+            load_partial(model, config.init_weights, added=("gate.",), skip=config.init_skip)
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vae.")]
         super().__init__(config, model, trainable)
         self.separator, self.stft, self.sampler = separator, stft, sampler
@@ -214,10 +226,13 @@ class RefinerTrainer(TrainingRun):
             estimate = estimate_target(self.separator, self.separator_prior, mix_spec, query_spec, self.parallel)
             z_target, z_mix, z_estimate = (self.model.encode(spec) for spec in (target_spec, mix_spec, estimate))
             timbre = self.model.vae.timbre_embedding(query_spec)
-        loss = self.model.training_loss(z_target, z_mix, z_estimate, timbre)
-        if self.config.refine_weight:
-            loss = loss + self.config.refine_weight * self.model.refinement_loss(z_mix, z_estimate, timbre,
-                                                                                  estimate, target_spec)
+        c = self.config
+        loss = torch.zeros(())
+        if c.denoise_weight:
+            loss = c.denoise_weight * self.model.training_loss(z_target, z_mix, z_estimate, timbre)
+        if c.refine_weight:
+            loss = loss + c.refine_weight * self.model.refinement_loss(
+                z_mix, z_estimate, timbre, estimate, target_spec, gate_open=self.step < c.gate_open_steps)
         return loss
 
     def validate(self) -> dict:

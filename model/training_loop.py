@@ -12,7 +12,7 @@ import signal
 import time
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,18 @@ class RunConfig:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 among its Linux /proc/cpuinfo flags).
+    Without them bf16 autocast is emulated and slower than float32; where the flags cannot be read, assume not."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class TrainingRun:
     """The loop every trainer shares: learning-rate schedule, skipped non-finite steps, logs, periodic validation,
     checkpoints (`RUN/last.pt`, the previous one kept as `last.prev.pt`), resume, and a clean stop on SIGTERM.
@@ -88,11 +100,15 @@ class TrainingRun:
                  lr_scales: dict[str, float] | None = None) -> None:
         """`lr_scales`: a learning-rate multiplier for the trainable parameters whose names (in `model`) start with
         a key; the rest train at the schedule's rate."""
-        self.config = config
         self.device = torch.device(config.device)
         if self.device.type not in self.devices:
             raise ValueError(f"device {config.device!r}: the {self.kind} trainer runs on {', '.join(self.devices)} "
                              "only; set device = \"cpu\" in its config")
+        if config.bf16 and self.device.type == "cpu" and not cpu_has_bf16():
+            log.warning("bf16 autocast off: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), where "
+                        "torch emulates it (a separator step took twice as long as in float32)")
+            config = replace(config, bf16=False)
+        self.config = config
         self.model = model.to(self.device)
         self.trainable = trainable
         # fused: one kernel for all the (many, small, per-band) parameter tensors instead of a loop over them
@@ -279,14 +295,18 @@ def plot_curves(runs: list[Path], metric: str, out: Path) -> None:
     figure.savefig(out, dpi=120)
 
 
-def load_partial(model: torch.nn.Module, weights: Path, *, added: tuple[str, ...]) -> None:
+def load_partial(model: torch.nn.Module, weights: Path, *, added: tuple[str, ...],
+                 skip: tuple[str, ...] = ()) -> None:
     """Load shipped weights (path without suffix) into `model`, which may have parts the weights lack: parameters
-    whose names contain one of `added` (parts introduced since) keep their initialisation. Anything else that does
-    not fit is an error."""
+    whose names contain one of `added` (parts introduced since) keep their initialisation, and so do those whose
+    names start with one of `skip` (parts to start afresh). Anything else that does not fit is an error."""
     from safetensors.torch import load_file
 
+    state = {name: value for name, value in load_file(str(Path(weights).with_suffix(".safetensors"))).items()
+             if not name.startswith(skip)}
+    added = added + skip
     try:
-        result = model.load_state_dict(load_file(str(Path(weights).with_suffix(".safetensors"))), strict=False)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ
         raise ValueError(f"{weights}: weights do not fit this model ({str(exc).splitlines()[1].strip()})") from None
     unexpected = result.unexpected_keys

@@ -218,6 +218,51 @@ def test_the_gate_learns_to_leave_a_perfect_estimate_unchanged():
 
 
 
+def test_an_open_gate_applies_the_correction_in_full_and_trains_only_the_unet():
+    """`gate_open` (a run's first `gate_open_steps`) bypasses the gate: with a gate shut hard (sigmoid(-30)) the
+    loss is the unchanged estimate's, minus its SNR (with the 30 dB cap); held open, it is the fully corrected
+    estimate's, and the gradient reaches the UNet and not the gate."""
+    torch.manual_seed(0)
+    refiner = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "gate": True}), TimbrePitchVAE(VAEConfig(**TINY_VAE)))
+    torch.nn.init.constant_(refiner.gate.net[-1].bias, -30.0)
+    mix, target, z_mix, _, timbre = perfect_estimates(refiner, [3])
+    estimate = 0.5 * target
+    z_estimate = refiner.encode(estimate).detach()
+    unchanged = 10 * torch.log10((estimate - target).abs().pow(2).sum() / target.abs().pow(2).sum() + 1e-3)
+
+    torch.manual_seed(1)
+    shut = refiner.refinement_loss(z_mix, z_estimate, timbre, estimate, target)
+    torch.manual_seed(1)
+    opened = refiner.refinement_loss(z_mix, z_estimate, timbre, estimate, target, gate_open=True)
+    opened.backward()
+    torch.testing.assert_close(shut, unchanged, rtol=1e-4, atol=1e-4)
+    assert abs(float(opened - unchanged)) > 0.05, (float(opened), float(unchanged))
+    assert all(p.grad is None for p in refiner.gate.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.unet.parameters())
+
+
+def test_init_skip_starts_the_named_parts_afresh(tmp_path):
+    """A run started from shipped refiner weights with `init_skip = ["gate."]` takes everything but the gate from
+    them; the gate keeps its initialisation (half open)."""
+    from stemquery.model.training_loop import load_partial
+
+    trained = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "gate": True}), TimbrePitchVAE(VAEConfig(**TINY_VAE)))
+    torch.nn.init.constant_(trained.gate.net[-1].bias, -5.0)
+    save_refiner(trained, tmp_path / "trained")
+    torch.manual_seed(7)
+    fresh = LatentRefiner(RefinerConfig(**{**TINY_REFINER, "gate": True}), TimbrePitchVAE(VAEConfig(**TINY_VAE)))
+    load_partial(fresh, tmp_path / "trained", added=(), skip=("gate.",))
+    assert float(fresh.gate.net[-1].bias) == 0.0
+    for name, value in trained.state_dict().items():
+        if not name.startswith("gate."):
+            assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_a_run_that_trains_nothing_is_refused():
+    with pytest.raises(ValueError, match="nothing would train the UNet"):
+        RefinerTrainConfig(model=RefinerConfig(**TINY_REFINER), denoise_weight=0.0)
+
+
 def test_a_gate_without_the_loss_that_trains_it_is_refused():
     with pytest.raises(ValueError, match="set refine_weight above 0"):
         RefinerTrainConfig(model=RefinerConfig(**{**TINY_REFINER, "gate": True}))

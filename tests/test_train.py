@@ -298,3 +298,20 @@ def test_worker_processes_draw_the_batches(tmp_path):
     assert mixture.shape == target.shape == (2, 2, RATE) and query.shape == (2, 2, RATE) and len(infos) == 2
     torch.testing.assert_close(again[0][0], mixture)
     assert not torch.equal(later[0][0], mixture)
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
+                                           ("fpu avx2 fma", False), ("fpu avx2 avx512f avx512bw", False)])
+def test_bf16_autocast_only_where_the_cpu_has_bf16_instructions(tmp_path, monkeypatch, flags, native):
+    """`cpu_has_bf16` reads /proc/cpuinfo's flags; a run asked for bf16 on a CPU without them trains in float32
+    (emulated bf16 made a separator step twice as slow on an AVX2-only CPU)."""
+    from stemquery.model import training_loop
+    from stemquery.model.training_loop import RunConfig, TrainingRun, cpu_has_bf16
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert cpu_has_bf16(cpuinfo) is native
+    assert cpu_has_bf16("processor\t: 0\n") is False  # no flags line (not Linux x86): float32
+    monkeypatch.setattr(training_loop, "cpu_has_bf16", lambda: native)
+    model = torch.nn.Linear(2, 2)
+    run = TrainingRun(RunConfig(run_dir=tmp_path, bf16=True), model, list(model.parameters()))
+    assert run.config.bf16 is native
