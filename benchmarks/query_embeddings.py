@@ -1,7 +1,7 @@
 """How well each query embedding tells instruments apart, on an eval set's queries (leave-one-out nearest neighbour).
 
     python benchmarks/query_embeddings.py data/eval_test [--separator model/weights/bsmamba-v6]
-                                          [--refiner model/weights/refiner-v1]
+                                          [--refiner model/weights/refiner-v3]
 
 Per case, three embeddings of its query clip: the separator's (what its FiLM layers are conditioned on), the
 refiner VAE's pooled timbre, and both joined (each standardised over the set first). The figure is the share of

@@ -32,8 +32,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RATE = 44100
-#: stemquery's engines (the refiner at two step counts) and the peer.
-SYSTEMS = ["nmf", "bsmamba", "bsmamba-refine5", "bsmamba-refine10", "htdemucs"]
+#: stemquery's engines (the refiner at 1 step, the shipped default, and at 5 and 10) and the peer.
+SYSTEMS = ["nmf", "bsmamba", "bsmamba-refine1", "bsmamba-refine5", "bsmamba-refine10", "htdemucs"]
 WEIGHTS_NOTE = "HTDemucs: random weights (speed does not depend on weight values); Open-Unmix: not measured " \
                "(openunmix imports torchaudio, which has no build for torch 2.13 CPU)"
 

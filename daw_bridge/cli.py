@@ -59,7 +59,7 @@ def main(verbose: int) -> None:
 @click.option("--refine/--no-refine", default=False, show_default=True,
               help="Run the diffusion refiner after the separator (bsmamba engine).")
 @click.option("--steps", type=click.IntRange(1, 100), default=None,
-              help="Refiner diffusion steps [default: the refiner's own, 10].")
+              help="Refiner diffusion steps [default: the refiner's own, 1 for the shipped refiner-v3].")
 @click.option("--allow-truncated", is_flag=True,
               help="Read a WAV whose data is shorter than its header says (refused by default).")
 def separate(mix, queries, query_ranges, stems, out_dir, engine, container, bit_depth, device, refine, steps,

@@ -188,11 +188,44 @@ def _query_source(name: str, query_from: str) -> str:
     return "clip" if query_from == "name" and name in CLIP_ONLY else query_from
 
 
-def _estimate(name: str, case: Case, separators: dict, query_from: str = "clip") -> np.ndarray:
+#: The option `stemquery eval` takes itself rather than the engine: on a refining engine, `oracle=KIND` scores the
+#: separator's estimate corrected towards the target instead of by the refiner (`model.refiner.ORACLES`: the
+#: refiner's bounds, e.g. `bsmamba:refine=1,oracle=latent` beside `bsmamba:refine=1`).
+ORACLE_OPTION = "oracle"
+
+
+def _engine_options(name: str) -> tuple[str, dict, str | None]:
+    """An engine spec → (engine, Separator options, oracle kind or None)."""
+    from stemquery.model.refiner import ORACLES
+
+    engine, options = parse_engine_spec(name)
+    oracle = options.pop(ORACLE_OPTION, None)
+    if oracle is not None and (oracle not in ORACLES or not options.get("refine")):
+        raise StemqueryError(f"engine {name!r}: oracle= takes one of {', '.join(ORACLES)}, on an engine with "
+                             "refine=1 (e.g. bsmamba:refine=1,oracle=latent)")
+    return engine, options, oracle
+
+
+def _oracle_estimate(separator, case: Case, query: np.ndarray, kind: str) -> np.ndarray:
+    if case.mixture.shape[1] > separator.engine.segment_seconds * case.sample_rate:
+        raise StemqueryError(f"{case.name}: an oracle refinement takes cases of one segment "
+                             f"({separator.engine.segment_seconds:g} s) at most")
+    if case.sample_rate != separator.engine.sample_rate:
+        raise StemqueryError(f"{case.name}: an oracle refinement needs the engine's sample rate "
+                             f"({separator.engine.sample_rate} Hz), not {case.sample_rate}")
+    mixture, query_clip, target = (torch.from_numpy(audio) for audio in (case.mixture, query, case.target))
+    return separator.engine.oracle_refinement(mixture, [query_clip], target, kind).numpy()
+
+
+def _estimate(name: str, case: Case, separators: dict, query_from: str = "clip",
+              oracle: str | None = None) -> np.ndarray:
     if name == "mix":
         return case.mixture
     if name == "irm":
         return irm_oracle(case.mixture, case.target)
+    if oracle is not None:
+        return _oracle_estimate(separators[name], case, case.target if query_from == "target" else case.query,
+                                oracle)
     if query_from == "name":
         from stemquery.model.api import StemQuery
 
@@ -214,14 +247,17 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
     from stemquery.model.api import Separator
 
     names = list(dict.fromkeys([*BASELINES, *engines]))
-    separators = {}
+    separators, oracles = {}, {}
     for name in names:
         if name not in ("mix", "irm"):
-            engine, options = parse_engine_spec(name)
+            engine, options, oracles[name] = _engine_options(name)
+            if oracles[name] and query_from == "name":
+                raise StemqueryError(f"engine {name!r}: an oracle refinement takes a clip query, not a name")
             separators[name] = Separator(engine, device=device, **options)
     if query_from not in QUERY_SOURCES:
         raise StemqueryError(f"query_from must be one of {', '.join(QUERY_SOURCES)}, not {query_from!r}")
     fingerprints = {n: engine_fingerprint(separators[n]) if n in separators else "v1" for n in names}
+    fingerprints = {n: f"{f}-oracle-{oracles[n]}" if oracles.get(n) else f for n, f in fingerprints.items()}
     fingerprints = {n: f if _query_source(n, query_from) == "clip" else f"{f}-{query_from}"
                     for n, f in fingerprints.items()}
     stored: dict[str, dict] = {}
@@ -239,7 +275,7 @@ def evaluate(root: Path, engines: list[str], *, device: str = "cpu", limit: int 
                 row, took = stored[name][case.name]
             else:
                 started = time.perf_counter()
-                estimate = _estimate(name, case, separators, _query_source(name, query_from))
+                estimate = _estimate(name, case, separators, _query_source(name, query_from), oracles.get(name))
                 took = time.perf_counter() - started
                 row = {"case": case.name, "engine": name, "protocol": case.meta.get("protocol", ""),
                        "family": case.meta.get("family", ""), **score(estimate, case)}
@@ -287,10 +323,10 @@ def markdown_report(result: dict) -> str:
         result.get("query_from"), "")
     lines = [f"Eval set `{result['set']}`: {result['cases']} cases.{query} Improvements (…i) are over the unprocessed "
              "mix; means (medians in brackets), dB.", "",
-             "| engine | SNRi | SI-SDRi | SDRi | SI-SDR | RTF |", "| --- | --- | --- | --- | --- | --- |"]
+             "| engine | SNR | SNRi | SI-SDRi | SDRi | SI-SDR | RTF |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for engine in engines:
         s = result["summary"]["overall"][engine]
-        lines.append(f"| {engine} | {s['snr_i_mean']:.2f} ({s['snr_i_median']:.2f}) | "
+        lines.append(f"| {engine} | {s['snr_mean']:.2f} | {s['snr_i_mean']:.2f} ({s['snr_i_median']:.2f}) | "
                      f"{s['si_sdr_i_mean']:.2f} ({s['si_sdr_i_median']:.2f}) | "
                      f"{s['sdr_i_mean']:.2f} ({s['sdr_i_median']:.2f}) | {s['si_sdr_mean']:.2f} | "
                      f"{result['rtf'][engine]:.3f} |")

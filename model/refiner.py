@@ -33,6 +33,8 @@ SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 GAIN_MAX = 2.0
 #: The one-step refinement loss counts SNR up to this (dB).
 SNR_CAP_DB = 30.0
+#: The oracle corrections (`LatentRefiner.oracle_gain`), which are given the target.
+ORACLES = ("latent", "band_gain", "vae_roundtrip")
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,21 @@ class LatentRefiner(nn.Module):
         """The estimate with each band scaled by its (clamped) gain, `blend` × `gate` of the way."""
         share = blend if gate is None else blend * gate
         return estimate_spec * self.vae.bands.to_bins(1 + share * (gain.clamp(0.0, GAIN_MAX) - 1))
+
+    def oracle_gain(self, kind: str, estimate_spec: torch.Tensor, target_spec: torch.Tensor) -> torch.Tensor:
+        """Band gains that need the target, the bounds a refinement is measured against (`ORACLES`):
+        "latent", towards the target's latent (what a perfect diffusion model would give: this VAE's ceiling);
+        "band_gain", towards the target's band magnitudes (a perfect VAE too: the ceiling of any band-gain
+        correction); "vae_roundtrip", towards the estimate's own decoding (what the VAE's error costs where it
+        does not cancel)."""
+        frames, z_estimate = estimate_spec.shape[-1], self.encode(estimate_spec)
+        if kind == "latent":
+            return self.latent_gain(self.encode(target_spec), z_estimate, frames)
+        if kind == "band_gain":
+            return self.band_gain_to(estimate_spec, self.vae.bands.power(target_spec).sqrt())
+        if kind == "vae_roundtrip":
+            return self.band_gain_to(estimate_spec, self.band_magnitude(z_estimate, frames))
+        raise ValueError(f"oracle must be one of {', '.join(ORACLES)}, not {kind!r}")
 
     def band_gain_to(self, estimate_spec: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """Band gains that give the estimate these band magnitudes (batch, bands, frames)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from stemquery.model.engines.bsmamba import estimate_target
 from stemquery.model.parallel import SliceParallel
-from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner
+from stemquery.model.refiner import ORACLES, LatentRefiner, RefinerConfig, load_refiner
 from stemquery.model.stft import STFT
 from stemquery.model.training_loop import RunConfig, TrainingRun, load_partial
 from stemquery.model.vae import DOWNSAMPLING, TimbrePitchVAE, VAEConfig, load_vae, pad_frames
@@ -252,12 +252,8 @@ class RefinerTrainer(TrainingRun):
             mix_spec, query_spec, target_spec = (self.stft.forward(torch.from_numpy(audio))[None]
                                                  for audio in (case.mixture, case.query, case.target))
             estimate = estimate_target(self.separator, self.separator_prior, mix_spec, query_spec, self.parallel)
-            frames, z_estimate = estimate.shape[-1], refiner.encode(estimate)
-            gains = {
-                "vae_roundtrip": refiner.band_gain_to(estimate, refiner.band_magnitude(z_estimate, frames)),
-                "oracle_latent": refiner.latent_gain(refiner.encode(target_spec), z_estimate, frames),
-                "oracle_band_gain": refiner.band_gain_to(estimate, vae.bands.power(target_spec).sqrt()),
-            }
+            gains = {"vae_roundtrip" if kind == "vae_roundtrip" else f"oracle_{kind}":
+                     refiner.oracle_gain(kind, estimate, target_spec) for kind in ORACLES}
             candidates = {
                 "separator": estimate,
                 "refined": refiner.refine(mix_spec, estimate, vae.timbre_embedding(query_spec),

@@ -55,3 +55,38 @@ def write_audio(tmp_path):
         return path
 
     return write
+
+
+# -- tiny untrained learned engines, shipped into a temporary weights folder ---------------------------------------
+TINY_VAE = dict(bands=32, block_channels=(8, 16, 16), pitches=128)
+TINY_REFINER = dict(block_channels=(16, 32), cross_attention_dim=16, steps=3, residual=True)
+TINY_SEPARATOR = dict(dim=16, layers=1, bands=8, d_state=8, headdim=16, query_dim=16, chunk=16)
+
+
+def tiny_refiner(seed: int = 0):
+    import torch
+
+    from stemquery.model.refiner import LatentRefiner, RefinerConfig
+    from stemquery.model.vae import TimbrePitchVAE, VAEConfig
+
+    torch.manual_seed(seed)
+    return LatentRefiner(RefinerConfig(**TINY_REFINER), TimbrePitchVAE(VAEConfig(**TINY_VAE))).eval()
+
+
+@pytest.fixture()
+def tiny_shipped(tmp_path, monkeypatch):
+    """Untrained tiny separator and refiner as shipped files in a temporary weights folder (for tests); returns
+    the refiner."""
+    import torch
+
+    from stemquery.model.bsmamba import BSMamba, BSMambaConfig
+    from stemquery.model.engines import bsmamba as engine_module
+    from stemquery.model.refiner import save_refiner
+
+    torch.manual_seed(0)
+    engine_module.save_weights(BSMamba(BSMambaConfig(**TINY_SEPARATOR)), tmp_path / engine_module.WEIGHTS_NAME,
+                               extra={"note": "untrained"})
+    refiner = tiny_refiner()
+    save_refiner(refiner, tmp_path / engine_module.REFINER_NAME, extra={"note": "untrained"})
+    monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
+    return refiner

@@ -13,7 +13,7 @@ from luaparser import ast as lua_ast
 from luaparser import astnodes
 
 from conftest import RATE, si_sdr, tone_sequence
-from test_server import ServerProcess
+from test_server import ServerProcess, refiner_server  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "reaper_scripts"
@@ -240,6 +240,31 @@ def test_settings_are_kept_with_extstate(media, tmp_path):
     assert record["extstate"] == {"stemquery/hotfolder": str(tmp_path / "elsewhere"), "stemquery/engine": "nmf",
                                   "stemquery/refine": "0", "stemquery/format": "flac"}
     assert "not running" in record["messages"][0]
+
+
+def test_refine_setting_reaches_the_job(refiner_server, tiny_shipped, media, tmp_path):  # noqa: F811
+    """Refine as the Settings dialog saves it (ExtState stemquery/refine) goes into the job the scripts send: with
+    1 the job asks for refine and the server refines (stems named for the refined engine at the refiner's own
+    number of steps: the settings have no steps, so the job names none); with 0 the job's refine is off and the
+    stems are bsmamba's alone, a different target."""
+    targets = {}
+    for refine in ("1", "0"):
+        run = tmp_path / f"refine-{refine}"
+        run.mkdir()
+        settings = project(media, refiner_server.hotfolder, items=[])
+        settings["user_inputs"] = f"{refiner_server.hotfolder},bsmamba,{refine},wav"
+        saved = run_script(SETTINGS, settings, run)
+        assert saved["messages"] == [] and saved["extstate"]["stemquery/refine"] == refine, saved
+        state = project(media, refiner_server.hotfolder, items=[query_item(media), mix_item(media)])
+        state["extstate"] = saved["extstate"]
+        record = run_script(MIX_AND_QUERIES, state, run)
+        targets[refine], _ = check_imported(record, "song", (1.0, 4.0), media)
+        target_file = Path(record["inserted"][0]["file"])
+        job = json.loads((target_file.parent / "job.json").read_text())
+        assert job["engine"] == "bsmamba" and job["refine"] is (refine == "1") and "steps" not in job, job
+        label = f"bsmamba-refined{tiny_shipped.config.steps}" if refine == "1" else "bsmamba"
+        assert target_file.name.endswith(f"_(target)_{label}.wav"), target_file
+    assert np.abs(targets["1"] - targets["0"]).mean() > 0.05 * np.abs(targets["0"]).mean()
 
 
 # -- several stems --------------------------------------------------------------------------------------------------

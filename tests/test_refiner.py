@@ -6,27 +6,15 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from conftest import RATE, tone_sequence
+from conftest import RATE, TINY_REFINER, TINY_VAE, tiny_refiner, tone_sequence
 from stemquery.daw_bridge.cli import main
 from stemquery.daw_bridge.spec import SpecError, validate_spec
 from stemquery.model import Separator, StemqueryError
-from stemquery.model.bsmamba import BSMamba, BSMambaConfig
-from stemquery.model.engines import bsmamba as engine_module
-from stemquery.model.engines.bsmamba import REFINER_NAME, WEIGHTS_NAME, save_weights
+from stemquery.model.engines.bsmamba import REFINER_NAME
 from stemquery.model.refiner import LatentRefiner, RefinerConfig, load_refiner, save_refiner
 from stemquery.model.stft import STFT
 from stemquery.model.train_refiner import RefinerTrainConfig, VAETrainConfig, vae_losses
 from stemquery.model.vae import TimbrePitchVAE, VAEConfig
-
-TINY_VAE = dict(bands=32, block_channels=(8, 16, 16), pitches=128)
-TINY_REFINER = dict(block_channels=(16, 32), cross_attention_dim=16, steps=3, residual=True)
-TINY_SEPARATOR = dict(dim=16, layers=1, bands=8, d_state=8, headdim=16, query_dim=16, chunk=16)
-
-
-def tiny_refiner(seed: int = 0) -> LatentRefiner:
-    torch.manual_seed(seed)
-    return LatentRefiner(RefinerConfig(**TINY_REFINER), TimbrePitchVAE(VAEConfig(**TINY_VAE))).eval()
-
 
 def clip(seed: int, seconds: float = 1.5) -> torch.Tensor:
     rng = np.random.default_rng(seed)
@@ -269,17 +257,6 @@ def test_a_gate_without_the_loss_that_trains_it_is_refused():
     assert RefinerTrainConfig(model=RefinerConfig(**{**TINY_REFINER, "gate": True}), refine_weight=1.0).refine_weight
 
 
-@pytest.fixture()
-def tiny_shipped(tmp_path, monkeypatch):
-    """Untrained tiny separator and refiner as shipped files in a temporary weights folder (for tests)."""
-    torch.manual_seed(0)
-    save_weights(BSMamba(BSMambaConfig(**TINY_SEPARATOR)), tmp_path / WEIGHTS_NAME, extra={"note": "untrained"})
-    refiner = tiny_refiner()
-    save_refiner(refiner, tmp_path / REFINER_NAME, extra={"note": "untrained"})
-    monkeypatch.setattr(engine_module, "WEIGHTS_DIR", tmp_path)
-    return refiner
-
-
 def test_refiner_weights_round_trip(tiny_shipped, tmp_path):
     loaded = load_refiner(tmp_path / REFINER_NAME)
     for key, value in tiny_shipped.state_dict().items():
@@ -360,3 +337,25 @@ def test_eval_scores_separator_alone_and_refined_side_by_side(tiny_shipped, tmp_
     assert overall[engines[0]]["snr_mean"] != overall[engines[1]]["snr_mean"]
     assert len(set(result["fingerprints"][e] for e in engines)) == 2
     assert len(list((tmp_path / "cache").glob("bsmamba_refine_1_steps_2-*.json"))) == 1
+
+
+def test_eval_sets_the_refiners_oracle_bounds_beside_it(tiny_shipped, tmp_path):
+    """`oracle=KIND` on a refining engine scores the separator's estimate corrected towards the target: towards the
+    target's band magnitudes it beats the separator alone (the ceiling of a band-gain correction), each bound is
+    cached apart from the real refinement, and a bad kind or a bound without the refiner is a specific error."""
+    from stemquery.model.evaluate import build_evalset, evaluate, markdown_report
+    from test_train import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus")
+    build_evalset(corpus, tmp_path / "set", cases=2, seed=0, segment_s=2.0, query_s=1.0, protocols=("same_stem",))
+    engines = ["bsmamba", "bsmamba:refine=1,steps=1", "bsmamba:refine=1,oracle=band_gain",
+               "bsmamba:refine=1,oracle=latent"]
+    result = evaluate(tmp_path / "set", engines, cache=tmp_path / "cache")
+    overall = result["summary"]["overall"]
+    assert overall[engines[2]]["snr_mean"] > overall["bsmamba"]["snr_mean"] + 1.0
+    assert len({result["fingerprints"][e] for e in engines}) == 4
+    assert f"| {engines[2]} | {overall[engines[2]]['snr_mean']:.2f} |" in markdown_report(result)
+    for spec, message in [("bsmamba:refine=1,oracle=perfect", "oracle= takes one of latent, band_gain"),
+                          ("bsmamba:oracle=latent", "on an engine with refine=1")]:
+        with pytest.raises(StemqueryError, match=message):
+            evaluate(tmp_path / "set", [spec])

@@ -22,8 +22,20 @@ from pythonosc.osc_message import OscMessage
 from conftest import RATE, tone_sequence
 from stemquery.daw_bridge.client import OscClient
 from stemquery.daw_bridge.osc import build
+from stemquery.model.engines import bsmamba as engine_module
 
 DONE_OR_ERROR = {"/stemquery/done", "/stemquery/error"}
+#: `stemquery serve` with bsmamba's weights folder taken from argv[1]: the server has no setting for that folder, and
+#: a test's monkeypatch of `WEIGHTS_DIR` (`tiny_shipped`) stays in the test's process, so the server's own process
+#: (whose worker thread loads the engines) sets it before the command line runs.
+SERVE_WITH_WEIGHTS = """\
+import sys
+from pathlib import Path
+from stemquery.model.engines import bsmamba
+bsmamba.WEIGHTS_DIR = Path(sys.argv.pop(1))
+from stemquery.daw_bridge.cli import main
+main()
+"""
 
 
 def free_port() -> int:
@@ -35,9 +47,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, base: Path, *extra_args: str) -> None:
+    def __init__(self, base: Path, *extra_args: str, weights: Path | None = None) -> None:
         self.base = base
         self.extra_args = list(extra_args)
+        #: bsmamba's weights folder for the server (None: the shipped one)
+        self.weights = weights
         self.hotfolder = base / "hot"
         self.media = base / "media"
         self.media.mkdir(parents=True, exist_ok=True)
@@ -47,8 +61,11 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "stemquery.daw_bridge"]
+        if self.weights is not None:
+            command = [sys.executable, "-c", SERVE_WITH_WEIGHTS, str(self.weights)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stemquery.daw_bridge", "-v", "serve", "--hotfolder", str(self.hotfolder),
+            [*command, "-v", "serve", "--hotfolder", str(self.hotfolder),
              "--allow-root", str(self.media), "--osc-port", str(self.port), "--max-duration", "600",
              # nmf, not the default: its many small steps give the progress and mid-job-kill tests jobs that last
              "--engine", "nmf", *self.extra_args],
@@ -88,6 +105,15 @@ class ServerProcess:
 @pytest.fixture()
 def server(tmp_path):
     process = ServerProcess(tmp_path).start()
+    yield process
+    process.stop()
+    assert process.proc.returncode == 0, process.log.read_text()
+
+
+@pytest.fixture()
+def refiner_server(tiny_shipped, tmp_path):
+    """A server whose bsmamba engine and refiner are `tiny_shipped`'s untrained tiny weights."""
+    process = ServerProcess(tmp_path, weights=engine_module.WEIGHTS_DIR).start()
     yield process
     process.stop()
     assert process.proc.returncode == 0, process.log.read_text()
@@ -330,3 +356,47 @@ def test_twenty_concurrent_clients_all_done_in_order_to_the_right_client(server)
         assert {args[0] for _, args in messages} == {f"req-{index}"}
         stems = [args[2] for address, args in messages if address == "/stemquery/stem"]
         assert stems and all(f"out{index}/c{index:02d}-mix_(" in s for s in stems)
+
+
+def test_refine_on_and_off_through_the_server(refiner_server):
+    """The same bsmamba job over OSC with refine on (2 steps), off, and on again, then on through the hot folder:
+    all finish; the refined stems are named for the refined engine; refining changes the target; and a refined
+    run gives the same samples every time, whichever front end sent it (the refiner is seeded)."""
+    server = refiner_server
+    mix, query = write_pair(server.media, "song", 3.0)
+
+    def separate(req_id: str, out: str, *options) -> dict[str, Path]:
+        with server.client() as client:
+            client.send("/stemquery/separate", req_id, str(mix), str(query), str(server.media / out),
+                        "engine", "bsmamba", *options)
+            messages = client.collect_until(DONE_OR_ERROR, timeout=180)
+        assert messages and messages[-1][0] == "/stemquery/done", (messages, server.log.read_text())
+        return {args[1]: Path(args[2]) for address, args in messages if address == "/stemquery/stem"}
+
+    refined = separate("on", "refined", "refine", 1, "steps", 2)
+    plain = separate("off", "plain", "refine", 0)
+    again = separate("again", "again", "refine", 1, "steps", 2)
+    drop_job(server.hotfolder, "hot-refined", {"mix": "a.wav", "query": ["q.wav"], "engine": "bsmamba",
+                                               "refine": "1", "steps": 2}, {"a.wav": mix, "q.wav": query})
+    hot = json.loads(wait_for_path(server.hotfolder / "done" / "hot-refined" / "result.json", 180).read_text())
+
+    assert refined == {"target": server.media / "refined" / "song-mix_(target)_bsmamba-refined2.wav",
+                       "residual": server.media / "refined" / "song-mix_(residual)_bsmamba-refined2.wav"}
+    assert plain == {"target": server.media / "plain" / "song-mix_(target)_bsmamba.wav",
+                     "residual": server.media / "plain" / "song-mix_(residual)_bsmamba.wav"}
+    assert Path(hot["stems"]["target"]).name == "a_(target)_bsmamba-refined2.wav"
+    rows = server.journal_rows()
+    assert [r["state"] for r in rows] == ["done"] * 4
+    assert [(json.loads(r["spec"])["refine"], json.loads(r["spec"])["steps"]) for r in rows] == \
+        [(True, 2), (False, None), (True, 2), (True, 2)]
+
+    original, _ = sf.read(mix, always_2d=True)
+    audio = {name: sf.read(stems["target"], always_2d=True)[0]
+             for name, stems in [("refined", refined), ("plain", plain), ("again", again),
+                                 ("hot", {"target": hot["stems"]["target"]})]}
+    assert all(target.shape == original.shape for target in audio.values())
+    assert np.abs(audio["refined"] - audio["plain"]).mean() > 0.05 * np.abs(audio["plain"]).mean()
+    np.testing.assert_array_equal(audio["again"], audio["refined"])
+    np.testing.assert_array_equal(audio["hot"], audio["refined"])
+    residual, _ = sf.read(refined["residual"], always_2d=True)
+    np.testing.assert_allclose(audio["refined"] + residual, original, atol=1e-5)

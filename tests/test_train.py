@@ -21,7 +21,7 @@ from stemquery.model.train import SeparatorTrainConfig, SeparatorTrainer, query_
 from stemquery.model.train_refiner import (RefinerTrainConfig, RefinerTrainer, VAETrainConfig, VAETrainer,
                                           load_vae_checkpoint)
 from stemquery.model.vae import VAEConfig
-from test_refiner import TINY_REFINER, TINY_SEPARATOR, TINY_VAE
+from conftest import TINY_REFINER, TINY_SEPARATOR, TINY_VAE
 
 RATE = 44100
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 WEIGHTS_NAME = "bsmamba-v6"
-REFINER_NAME = "refiner-v1"
+REFINER_NAME = "refiner-v3"
 
 
 def weights_paths(name: str = WEIGHTS_NAME, folder: Path | None = None) -> tuple[Path, Path]:
@@ -214,13 +214,18 @@ class BSMambaEngine(Engine):
         progress(1.0)
         return QueryState(self.model.embed_queries(specs), timbre, bases)
 
+    def separator_estimate(self, spec: torch.Tensor, query: QueryState,
+                           progress: StepProgress = no_progress) -> torch.Tensor:
+        """The network's complex STFT estimate of the target for the mix STFT `spec` (1, 2, bins, frames), before
+        any refiner (its blocks report progress as they finish)."""
+        prior = None if self.prior is None else prior_shares(self.prior, spec, [query.nmf_bases])
+        return self.model(spec, query.condition, prior=prior, parallel=self.parallel, progress=progress)
+
     def _estimate(self, spec: torch.Tensor, query: QueryState, progress: StepProgress) -> torch.Tensor:
         """The target's complex STFT estimate for the mix STFT `spec` (1, 2, bins, frames)."""
         # the separator's blocks report as they finish (a 20 s segment would otherwise be one step of progress)
         share = 0.2 if self.refiner is not None else 0.95
-        prior = None if self.prior is None else prior_shares(self.prior, spec, [query.nmf_bases])
-        estimate = self.model(spec, query.condition, prior=prior, parallel=self.parallel,
-                              progress=lambda f: progress(share * f))
+        estimate = self.separator_estimate(spec, query, lambda f: progress(share * f))
         if self.refiner is not None:
             generator = torch.Generator().manual_seed(self.seed)  # the same sound every run
             estimate = self.refiner.refine(spec, estimate, query.timbre, steps=self.steps, blend=self.blend,
@@ -238,6 +243,19 @@ class BSMambaEngine(Engine):
         target = self.stft.inverse(self._estimate(spec, query, progress)[0], mix.shape[-1])
         progress(1.0)
         return self._channels_of(target, mix)
+
+    def oracle_refinement(self, mix: torch.Tensor, query_clips: list[torch.Tensor], target: torch.Tensor,
+                          kind: str) -> torch.Tensor:
+        """The separator's estimate corrected by the refiner towards the true `target` (`LatentRefiner.oracle_gain`:
+        the bounds `stemquery eval` sets beside the refiner's real runs), for audio of one segment's length."""
+        if self.refiner is None:
+            raise StemqueryError("an oracle refinement needs the refiner: add refine=1")
+        with torch.inference_mode():
+            spec = self._stereo_spec(mix)
+            estimate = self.separator_estimate(spec, self.encode_query(query_clips))
+            gain = self.refiner.oracle_gain(kind, estimate, self._stereo_spec(target))
+            audio = self.stft.inverse(self.refiner.apply_gain(estimate, gain, 1.0)[0], mix.shape[-1])
+        return self._channels_of(audio, mix)
 
     def separate_segment_stems(self, mix: torch.Tensor, queries: list[QueryState],
                                progress: StepProgress = no_progress) -> torch.Tensor:
